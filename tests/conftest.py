@@ -1,0 +1,60 @@
+"""Shared test setup: the real ComfyUI host tree (.host/ComfyUI) importable as the parity reference."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOST = os.path.join(ROOT, ".host", "ComfyUI")
+SMOKE_MODELS = os.path.join(ROOT, ".smoke", "models")
+for _p in (ROOT, os.path.join(ROOT, "scripts")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+def import_comfy():
+    """Put the host tree on sys.path and force ComfyUI's CPU mode before its model management loads."""
+    if not os.path.isfile(os.path.join(HOST, "main.py")):
+        pytest.fail("ComfyUI host tree missing: run `bash scripts/setup.sh` (the README test command does)")
+    if HOST not in sys.path:
+        sys.path.append(HOST)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.model_management  # noqa: F401  (initialises with the CPU device)
+    return sys.modules["comfy"]
+
+
+def scale_close(ours, ref, rel=1e-4):
+    """Max abs difference within `rel` of the reference output's scale (max abs value)."""
+    diff = (ours.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert diff <= rel * max(scale, 1e-12), f"max abs diff {diff:.3e} vs scale {scale:.3e} (rel {diff / max(scale, 1e-12):.3e})"
+    return diff / max(scale, 1e-12)
+
+
+@pytest.fixture(scope="session")
+def smoke_models():
+    """The smoke models folder (tiny random checkpoints in the real layouts), written once."""
+    from wan_core.smoke import write_all
+    return write_all(SMOKE_MODELS)
+
+
+@pytest.fixture(scope="session")
+def server(smoke_models, tmp_path_factory):
+    """One real ComfyUI server on 127.0.0.1 with the pack loaded and the smoke models visible."""
+    from comfy_host import ComfyServer
+    out = tmp_path_factory.mktemp("comfy-output")
+    with ComfyServer(models_dir=smoke_models, output_dir=str(out)) as srv:
+        yield srv
+
+
+def run_workflow(server, name, overrides):
+    """Load workflows/<name> (UI format), convert it with the project's converter, apply overrides, run it."""
+    import json
+    from workflow_api import set_inputs, ui_to_api
+    with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
+        api = ui_to_api(json.load(f), server.object_info())
+    entry = server.run(set_inputs(api, overrides))
+    return server.output_files(entry)

@@ -1,0 +1,349 @@
+"""Wan 2.1 causal video VAE (8x spatial, 4x temporal, 16 latent channels).
+
+Numerics follow the official wan/modules/vae.py: causal 3D convs that pad time on the left only,
+RMS norms (`normalize * sqrt(C) * gamma`), chunked processing with a per-conv cache of the last
+2 frames (encode chunks of 1, 4, 4, ... frames; decode one latent frame at a time), latent
+normalisation z = (mu - mean) / std inside the wrapper, decoded pixels clamped to [-1, 1].
+State-dict keys are the official ones (`encoder.*`, `conv1.*`, `conv2.*`, `decoder.*`).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+WAN21_LATENT_MEAN = (
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+)
+WAN21_LATENT_STD = (
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+)
+CACHE_T = 2  # frames of left context kept per causal conv between chunks
+
+
+# ----------------------------------------------------------------------------- shape checks
+
+def _suggest(lower, step, minimum):
+    """'use a or b' for the valid values around a bad one; just the minimum when below it."""
+    return f"use {minimum}" if lower < minimum else f"use {lower} or {lower + step}"
+
+
+def check_video_shape(T, H, W):
+    """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of 8."""
+    problems = []
+    if T < 1 or (T - 1) % 4:
+        problems.append(f"length {T} is not 1+4k; " + _suggest(1 + 4 * ((T - 1) // 4), 4, 1))
+    for name, size in (("height", H), ("width", W)):
+        if size < 8 or size % 8:
+            problems.append(f"{name} {size} is not a multiple of 8; " + _suggest(size // 8 * 8, 8, 8))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- causal cache
+
+class _FrameCache:
+    """Per-call causal state: one slot per cached layer, visited in the same order in every chunk."""
+
+    def __init__(self):
+        self.slots, self.pos = [], 0
+
+    def next_chunk(self):
+        self.pos = 0
+
+    def get(self):
+        """The slot's value from the previous chunk (None in the first chunk)."""
+        return self.slots[self.pos] if self.pos < len(self.slots) else None
+
+    def put(self, value):
+        """Store this chunk's value for the slot and move to the next slot."""
+        if self.pos < len(self.slots):
+            self.slots[self.pos] = value
+        else:
+            self.slots.append(value)
+        self.pos += 1
+
+
+def _tail(x, prev):
+    """Last CACHE_T frames of x, topped up with prev's last frame when x is shorter."""
+    tail = x[:, :, -CACHE_T:].clone()
+    if tail.shape[2] < CACHE_T and prev is not None:
+        tail = torch.cat([prev[:, :, -1:].to(tail), tail], dim=2)
+    return tail
+
+
+def _causal(conv, x, ctx=None):
+    """Conv3d with 'same' spatial zero padding and kt-1 frames of left context: ctx frames, then zeros."""
+    kt, kh, kw = conv.kernel_size
+    if ctx is not None:
+        x = torch.cat([ctx.to(x), x], dim=2)
+        left = max(kt - 1 - ctx.shape[2], 0)
+    else:
+        left = kt - 1
+    return conv(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, left, 0)))
+
+
+def _cached_conv(conv, x, cache):
+    """Causal conv whose left context is the previous chunk's last frames (zeros before the first chunk)."""
+    prev = cache.get()
+    cache.put(_tail(x, prev))
+    return _causal(conv, x, prev)
+
+
+def _conv3d(ops, cin, cout, k, stride=1):
+    """Unpadded Conv3d; the causal padding is applied by `_causal`."""
+    return ops.Conv3d(cin, cout, k, stride=stride)
+
+
+def _per_frame(fn, x):
+    """Apply a 4D (image) function to every frame of a [B, C, T, H, W] tensor."""
+    t = x.shape[2]
+    y = fn(rearrange(x, "b c t h w -> (b t) c h w"))
+    return rearrange(y, "(b t) c h w -> b c t h w", t=t)
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMS_norm(nn.Module):
+    """Channel RMS norm: F.normalize over dim 1 * sqrt(C) * gamma (+ bias); gamma cast to x at use."""
+
+    def __init__(self, dim, images=False, bias=False):
+        super().__init__()
+        shape = (dim, 1, 1) if images else (dim, 1, 1, 1)
+        self.scale = dim ** 0.5
+        self.gamma = nn.Parameter(torch.ones(shape))
+        self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
+
+    def forward(self, x):
+        y = F.normalize(x, dim=1) * self.scale * self.gamma.to(x)
+        return y if self.bias is None else y + self.bias.to(x)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(silu(norm(conv(silu(norm(x)))))); 1x1x1 conv shortcut when the width changes."""
+
+    def __init__(self, in_dim, out_dim, ops):
+        super().__init__()
+        # Sequential indices match the official keys (residual.0/2/3/6, placeholders at 1/4/5).
+        self.residual = nn.Sequential(
+            RMS_norm(in_dim), nn.SiLU(), _conv3d(ops, in_dim, out_dim, 3),
+            RMS_norm(out_dim), nn.SiLU(), nn.Dropout(0.0), _conv3d(ops, out_dim, out_dim, 3))
+        self.shortcut = _conv3d(ops, in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x, cache):
+        norm1, _, conv1, norm2, _, _, conv2 = self.residual
+        h = _cached_conv(conv1, F.silu(norm1(x)), cache)
+        h = _cached_conv(conv2, F.silu(norm2(h)), cache)
+        return h + self.shortcut(x)
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the pixels of each frame (head dim C), residual."""
+
+    def __init__(self, dim, ops):
+        super().__init__()
+        self.norm = RMS_norm(dim, images=True)
+        self.to_qkv = ops.Conv2d(dim, dim * 3, 1)
+        self.proj = ops.Conv2d(dim, dim, 1)
+
+    def _attend(self, x):
+        h, w = x.shape[2:]
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "n c h w -> n (h w) c").chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(rearrange(out, "n (h w) c -> n c h w", h=h, w=w))
+
+    def forward(self, x, cache=None):
+        return x + _per_frame(self._attend, x)
+
+
+class Downsample(nn.Module):
+    """Per-frame pad (0,1,0,1) + stride-2 conv; temporal: stride-2 time conv over [last cached frame, x]."""
+
+    def __init__(self, dim, temporal, ops):
+        super().__init__()
+        self.resample = nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), ops.Conv2d(dim, dim, 3, stride=2))
+        self.time_conv = _conv3d(ops, dim, dim, (3, 1, 1), stride=(2, 1, 1)) if temporal else None
+
+    def forward(self, x, cache):
+        x = _per_frame(self.resample, x)
+        if self.time_conv is None:
+            return x
+        prev = cache.get()
+        cache.put(x[:, :, -1:].clone())
+        if prev is None:  # first chunk (one frame) passes through unchanged
+            return x
+        return self.time_conv(torch.cat([prev.to(x), x], dim=2))
+
+
+class Upsample(nn.Module):
+    """Temporal: causal time conv to 2C channels, interleaved into 2x frames (skipped for the first
+    chunk); then per-frame nearest-exact 2x upsample + 3x3 conv to C/2 channels."""
+
+    def __init__(self, dim, temporal, ops):
+        super().__init__()
+        self.resample = nn.Sequential(
+            nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
+            ops.Conv2d(dim, dim // 2, 3, padding=1))
+        self.time_conv = _conv3d(ops, dim, dim * 2, (3, 1, 1)) if temporal else None
+
+    def _double_frames(self, x, cache):
+        if cache.get() is None:  # first chunk: one frame stays one frame
+            cache.put(x[:, :, :0])  # empty context: the second chunk's time conv sees zeros
+            return x
+        y = _cached_conv(self.time_conv, x, cache)
+        return rearrange(y, "b (two c) t h w -> b c (t two) h w", two=2)
+
+    def forward(self, x, cache):
+        if self.time_conv is not None:
+            x = self._double_frames(x, cache)
+        return _per_frame(self.resample, x)
+
+
+# ----------------------------------------------------------------------------- encoder / decoder
+
+class _Coder(nn.Module):
+    """Shared trunk: causal conv1 -> blocks -> RMS norm, SiLU, causal conv head."""
+
+    def _head(self, dim, out_dim, ops):
+        return nn.Sequential(RMS_norm(dim), nn.SiLU(), _conv3d(ops, dim, out_dim, 3))
+
+    def _middle(self, dim, ops):
+        return nn.Sequential(ResidualBlock(dim, dim, ops), AttentionBlock(dim, ops), ResidualBlock(dim, dim, ops))
+
+    def forward(self, x, cache):
+        x = _cached_conv(self.conv1, x, cache)
+        for block in self.blocks():
+            x = block(x, cache)
+        return _cached_conv(self.head[2], F.silu(self.head[0](x)), cache)
+
+
+class Encoder3d(_Coder):
+    """Pixels [B,3,T,H,W] -> [B,out_dim,1+(T-1)//4,H/8,W/8]; 2 res blocks per stage, temporal down [F,T,T]."""
+
+    def __init__(self, dim, out_dim, ops, mult=(1, 2, 4, 4), temporal=(False, True, True)):
+        super().__init__()
+        dims = [dim * m for m in (1,) + tuple(mult)]
+        self.conv1 = _conv3d(ops, 3, dims[0], 3)
+        layers = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            layers += [ResidualBlock(cin, cout, ops), ResidualBlock(cout, cout, ops)]
+            if i < len(mult) - 1:
+                layers.append(Downsample(cout, temporal[i], ops))
+        self.downsamples = nn.Sequential(*layers)
+        self.middle = self._middle(dims[-1], ops)
+        self.head = self._head(dims[-1], out_dim, ops)
+
+    def blocks(self):
+        return [*self.downsamples, *self.middle]
+
+
+class Decoder3d(_Coder):
+    """Latent [B,z,t,h,w] -> pixels [B,3,1+4(t-1),8h,8w]; 3 res blocks per stage, temporal up [T,T,F]."""
+
+    def __init__(self, dim, z_dim, ops, mult=(1, 2, 4, 4), temporal=(True, True, False)):
+        super().__init__()
+        dims = [dim * m for m in (mult[-1],) + tuple(mult[::-1])]
+        self.conv1 = _conv3d(ops, z_dim, dims[0], 3)
+        self.middle = self._middle(dims[0], ops)
+        layers = []
+        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+            cin = cin // 2 if i > 0 else cin  # every upsampler halves the width
+            layers += [ResidualBlock(cin, cout, ops)] + [ResidualBlock(cout, cout, ops) for _ in range(2)]
+            if i < len(mult) - 1:
+                layers.append(Upsample(cout, temporal[i], ops))
+        self.upsamples = nn.Sequential(*layers)
+        self.head = self._head(dims[-1], 3, ops)
+
+    def blocks(self):
+        return [*self.middle, *self.upsamples]
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+_REQUIRED_KEYS = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight")
+
+
+class WanVAE21(nn.Module):
+    """Wan 2.1 VAE: encode pixels in [-1,1] to normalised latents and back (official key layout)."""
+
+    def __init__(self, dim=96, z_dim=16, ops=None):
+        super().__init__()
+        if z_dim != len(WAN21_LATENT_MEAN):
+            raise ValueError(f"Wan 2.1 VAE has {len(WAN21_LATENT_MEAN)} latent channels, got z_dim={z_dim}")
+        ops = ops or nn
+        self.z_dim = z_dim
+        self.encoder = Encoder3d(dim, z_dim * 2, ops)
+        self.conv1 = _conv3d(ops, z_dim * 2, z_dim * 2, 1)
+        self.conv2 = _conv3d(ops, z_dim, z_dim, 1)
+        self.decoder = Decoder3d(dim, z_dim, ops)
+
+    @classmethod
+    def from_state_dict(cls, sd, ops=None):
+        """Build from official keys (dim, z_dim read from shapes); parameters take sd's tensors (assign)."""
+        for key in _REQUIRED_KEYS:
+            if key not in sd:
+                raise ValueError(f"not a Wan 2.1 VAE: missing key '{key}'")
+        z_dim, dim = sd["conv2.weight"].shape[0], sd["encoder.conv1.weight"].shape[0]
+        if z_dim == 48:
+            raise ValueError("looks like a Wan 2.2 VAE (48 latent channels); load it with the Wan 2.2 VAE")
+        if z_dim != 16 or sd["encoder.conv1.weight"].shape[1] != 3:
+            raise ValueError(f"not a Wan 2.1 VAE: {z_dim} latent channels, "
+                             f"{sd['encoder.conv1.weight'].shape[1]} input channels (expected 16 and 3)")
+        with torch.device("meta"):
+            model = cls(dim, z_dim, ops)
+        _check_keys(model.state_dict(), sd)
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()
+
+    def _latent_stats(self, like):
+        mean = torch.tensor(WAN21_LATENT_MEAN, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(WAN21_LATENT_STD, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, video, progress=None):
+        """[B,3,T,H,W] in [-1,1] -> (mu - mean) / std, [B,16,1+(T-1)//4,H/8,W/8]; chunks of 1,4,4,... frames."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected video [B,3,T,H,W], got shape {tuple(video.shape)}")
+        check_video_shape(*video.shape[2:])
+        rest = video[:, :, 1:]
+        chunks = [video[:, :, :1]] + (list(rest.split(4, dim=2)) if rest.shape[2] else [])
+        out = _run_chunks(self.encoder, chunks, progress)
+        mu = self.conv1(out)[:, :self.z_dim]
+        mean, std = self._latent_stats(mu)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, z, progress=None):
+        """Normalised latent [B,16,t,h,w] -> pixels [B,3,1+4(t-1),8h,8w] clamped to [-1,1]; one latent frame per chunk."""
+        if z.ndim != 5 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected latent [B,{self.z_dim},t,h,w], got shape {tuple(z.shape)}")
+        mean, std = self._latent_stats(z)
+        x = self.conv2(z * std + mean)
+        out = _run_chunks(self.decoder, list(x.split(1, dim=2)), progress)
+        return out.clamp_(-1.0, 1.0)
+
+
+def _run_chunks(coder, chunks, progress):
+    """Run chunks through coder in order with one call-local frame cache; concatenate along time."""
+    cache, outs = _FrameCache(), []
+    for i, chunk in enumerate(chunks):
+        cache.next_chunk()
+        outs.append(coder(chunk, cache))
+        if progress is not None:
+            progress(i + 1, len(chunks))
+    return torch.cat(outs, dim=2)
+
+
+def _check_keys(expected, sd):
+    """ValueError naming the first missing/unexpected key or wrong shape."""
+    for key, ref in expected.items():
+        if key not in sd:
+            raise ValueError(f"not a Wan 2.1 VAE: missing key '{key}'")
+        if tuple(sd[key].shape) != tuple(ref.shape):
+            raise ValueError(f"not a Wan 2.1 VAE: '{key}' has shape {tuple(sd[key].shape)}, "
+                             f"expected {tuple(ref.shape)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        raise ValueError(f"not a Wan 2.1 VAE: unexpected key '{extra[0]}'")
