@@ -1,0 +1,150 @@
+"""umT5 (google/umt5-xxl) SentencePiece tokenizer with the official Wan prompt cleaning.
+
+Official behaviour (HuggingfaceTokenizer(clean='whitespace'), add_special_tokens, padding
+'max_length', truncation): text -> ftfy.fix_text -> html.unescape twice -> whitespace runs to one
+space -> strip; SentencePiece ids, cut to max_len - 1, then eos (</s>, id 1); padded with 0.
+"""
+import html
+import io
+import os
+import random
+import re
+
+import torch
+
+OFFICIAL_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
+    "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+TOKENIZER_FILES = ("spiece.model", "tokenizer.model")
+TOKENIZER_DIRS = ("", os.path.join("google", "umt5-xxl"), "umt5-xxl")
+
+
+def clean_prompt(text):
+    """Official 'whitespace' cleaning: ftfy fix, HTML unescape twice, collapse whitespace, strip."""
+    import ftfy
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class UMT5Tokenizer:
+    """SentencePiece ids with eos appended, padded/truncated to `max_len`; returns (ids, mask)."""
+
+    def __init__(self, model_proto, max_len=512):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_proto=bytes(model_proto))
+        self.max_len = max_len
+        self.eos_id = self.sp.eos_id() if self.sp.eos_id() >= 0 else 1
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else 0
+
+    @classmethod
+    def locate(cls, checkpoint_path, state_dict=None):
+        """Tokenizer for a text-encoder checkpoint: its `spiece_model` tensor (ComfyUI files) first,
+        else spiece.model / tokenizer.model beside it, or in google/umt5-xxl/ or umt5-xxl/ beside it."""
+        proto = _proto_from_state_dict(state_dict) if state_dict is not None else _proto_from_safetensors(checkpoint_path)
+        if proto is not None:
+            return cls(proto)
+        tried = candidate_files(checkpoint_path)
+        for path in tried:
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    return cls(f.read())
+        raise FileNotFoundError(
+            f"umT5 tokenizer not found for {checkpoint_path!r}: no `spiece_model` tensor in the checkpoint "
+            f"and none of these files exists: {', '.join(tried)}")
+
+    def encode(self, text):
+        """Cleaned text -> ids (no padding): pieces cut to max_len - 1, then eos."""
+        return self.sp.encode(clean_prompt(text))[: self.max_len - 1] + [self.eos_id]
+
+    def __call__(self, prompts):
+        """list[str] -> ids [B, max_len] long (pad 0), mask [B, max_len] long (1 = token or eos)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = torch.full((len(prompts), self.max_len), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.max_len), dtype=torch.long)
+        for row, text in enumerate(prompts):
+            tokens = self.encode(text)
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[row, : len(tokens)] = 1
+        return ids, mask
+
+
+def _proto_from_state_dict(sd):
+    """Bytes of a ComfyUI-style `spiece_model` uint8 tensor, or None."""
+    t = sd.get("spiece_model") if hasattr(sd, "get") else None
+    return None if t is None else t.cpu().numpy().tobytes()
+
+
+def _proto_from_safetensors(path):
+    """`spiece_model` read straight from a .safetensors file (only that tensor), or None."""
+    if not (str(path).endswith(".safetensors") and os.path.isfile(path)):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.get_tensor("spiece_model").numpy().tobytes() if "spiece_model" in f.keys() else None
+
+
+def candidate_files(checkpoint_path):
+    """Where a tokenizer file may lie: the checkpoint's folder (or the folder itself) and its
+    google/umt5-xxl/ and umt5-xxl/ sub-folders (the official release layout)."""
+    path = str(checkpoint_path)
+    if path.endswith(".model"):
+        return [path]
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return [os.path.join(folder, sub, name) for sub in TOKENIZER_DIRS for name in TOKENIZER_FILES]
+
+
+# ---------------------------------------------------------------- a tiny tokenizer for smoke tests
+
+_EN = dict(
+    who=["a red fox", "an old fisherman", "two kittens", "a young woman in a blue coat", "a robot", "a golden retriever",
+         "a child with a kite", "a samurai", "an astronaut", "a flock of birds", "a street musician", "a white horse"],
+    does=["runs across", "walks slowly through", "dances in", "sits quietly beside", "flies over", "looks out over",
+          "plays the guitar in", "jumps into", "rides a bicycle through", "sleeps under"],
+    where=["a snowy forest", "a busy city street at night", "the ocean at sunset", "a field of sunflowers",
+           "an ancient temple", "a neon-lit alley", "a quiet library", "the surface of the moon", "a rainy market",
+           "a mountain lake"],
+    how=["cinematic lighting, 4k", "slow motion, shallow depth of field", "handheld camera, documentary style",
+         "aerial drone shot", "warm colors, soft focus", "high detail, realistic", "anime style", "close-up shot"],
+)
+_ZH = dict(
+    who=["一只红色的狐狸", "一位老渔夫", "两只小猫", "一个穿蓝色外套的年轻女子", "一个机器人", "一只金毛犬",
+         "一个放风筝的孩子", "一位武士", "一名宇航员", "一群飞鸟", "一位街头音乐家", "一匹白马"],
+    does=["奔跑穿过", "慢慢走过", "漫步在", "安静地坐在", "飞越", "眺望", "弹着吉他在", "跳进", "骑自行车穿过", "睡在"],
+    where=["白雪覆盖的森林", "夜晚繁忙的城市街道", "日落时的大海", "向日葵花田", "古老的寺庙", "霓虹灯照亮的小巷",
+           "安静的图书馆", "月球表面", "下雨的集市", "高山湖泊"],
+    how=["电影感光影，4K", "慢动作，浅景深", "手持镜头，纪录片风格", "航拍镜头", "暖色调，柔焦", "高细节，写实",
+         "动漫风格", "特写镜头"],
+)
+
+
+def smoke_corpus(seed=0, lines=300):
+    """Varied English and Chinese video prompts (plus the official negative prompt), deterministic in `seed`."""
+    rng = random.Random(seed)
+    out = [OFFICIAL_NEGATIVE_PROMPT, *OFFICIAL_NEGATIVE_PROMPT.split("，")]
+    for i in range(lines):
+        words = _EN if i % 2 == 0 else _ZH
+        sep = ", " if words is _EN else "，"
+        out.append(f"{rng.choice(words['who'])} {rng.choice(words['does'])} {rng.choice(words['where'])}{sep}"
+                   f"{rng.choice(words['how'])}".replace(" ", "" if words is _ZH else " "))
+    return out
+
+
+def train_smoke_spm(vocab_size=800, seed=0):
+    """Train a tiny unigram SentencePiece model on `smoke_corpus` and return its bytes.
+
+    umT5 conventions: pad 0 (<pad>), eos 1 (</s>), unk 2 (<unk>), no bos; byte fallback on so
+    unseen characters become byte pieces instead of <unk>. Single-threaded, hence repeatable."""
+    import sentencepiece
+
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(smoke_corpus(seed)), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2)
+    return buf.getvalue()
