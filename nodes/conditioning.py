@@ -1,0 +1,45 @@
+"""Text encoding: prompt and negative prompt through umT5 into native CONDITIONING."""
+import torch
+
+from ..wan_core.pipeline import pad_context
+from ..wan_core.t5 import encode_text
+from ..wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT
+from .common import CATEGORY
+
+EXAMPLE_PROMPT = ("Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely "
+                  "on a spotlighted stage.")
+
+
+def text_memory(handle, batch):
+    """Activation estimate for encoding `batch` prompts of 512 tokens."""
+    dim = handle.patcher.model.dim if hasattr(handle.patcher.model, "dim") else 4096
+    return batch * 512 * dim * 16 * torch.finfo(handle.dtype).bits // 8
+
+
+class WanLeanTextEncode:
+    DESCRIPTION = ("Encodes a prompt and a negative prompt with umT5 (prompts cleaned and padded to 512 tokens as the "
+                   "official release does). English and Chinese both work.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "text_encoder": ("WANLEAN_TEXT_ENCODER", {"tooltip": "From Wan Load Text Encoder."}),
+            "prompt": ("STRING", {"multiline": True, "default": EXAMPLE_PROMPT, "tooltip": "What the video shows."}),
+            "negative_prompt": ("STRING", {"multiline": True, "default": OFFICIAL_NEGATIVE_PROMPT,
+                                           "tooltip": "What to steer away from; the default is the official Wan negative prompt."}),
+        }}
+
+    def encode(self, text_encoder, prompt, negative_prompt):
+        model = text_encoder.load(text_memory(text_encoder, 2))
+        with torch.no_grad():
+            pos, neg = encode_text(model, text_encoder.extra["tokenizer"], [prompt, negative_prompt],
+                                   device=text_encoder.device)
+        return ([[pad_context(pos.float().cpu()), {}]], [[pad_context(neg.float().cpu()), {}]])
+
+
+NODE_CLASS_MAPPINGS = {"WanLeanTextEncode": WanLeanTextEncode}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanTextEncode": "Wan Text Encode"}

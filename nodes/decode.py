@@ -1,0 +1,48 @@
+"""VAE decode: a normalised Wan latent -> IMAGE frames [T, H, W, 3] in [0, 1]."""
+import torch
+
+import comfy.model_management as mm
+import comfy.utils
+
+from .common import CATEGORY
+
+
+def decode_memory(shape, dtype):
+    """Peak activation estimate of decoding one latent frame at a time at full resolution."""
+    return 3 * 96 * 4 * shape[3] * 8 * shape[4] * 8 * 4 * torch.finfo(dtype).bits // 8
+
+
+class WanLeanVAEDecode:
+    DESCRIPTION = "Decodes a Wan video latent into frames, one latent frame at a time with the causal frame cache."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    FUNCTION = "decode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "vae": ("WANLEAN_VAE", {"tooltip": "From Wan Load VAE."}),
+            "latent": ("LATENT", {"tooltip": "The video latent from Wan Sampler."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    def decode(self, vae, latent, node_id=None):
+        z = latent["samples"]
+        if z.ndim != 5 or z.shape[1] != vae.patcher.model.z_dim:
+            raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE ({vae.patcher.model.z_dim} channels): "
+                             "use the VAE of the model family that made the latent (Wan 2.1 VAE for 16 channels)")
+        model = vae.load(decode_memory(z.shape, vae.dtype))
+        bar = comfy.utils.ProgressBar(z.shape[2], node_id=node_id)
+
+        def progress(done, total):
+            mm.throw_exception_if_processing_interrupted()
+            bar.update_absolute(done, total)
+
+        with torch.no_grad():
+            video = model.decode(z.to(vae.device, vae.dtype), progress=progress)
+        frames = (video.float().clamp(-1, 1) + 1) / 2  # [B, 3, T, H, W]
+        return (frames.permute(0, 2, 3, 4, 1).flatten(0, 1).to(mm.intermediate_device()),)
+
+
+NODE_CLASS_MAPPINGS = {"WanLeanVAEDecode": WanLeanVAEDecode}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanVAEDecode": "Wan VAE Decode"}

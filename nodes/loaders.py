@@ -1,0 +1,96 @@
+"""Loader nodes: the Wan diffusion model, the Wan 2.1 VAE and the umT5 text encoder."""
+import torch
+
+import folder_paths
+import comfy.model_management as mm
+
+from ..wan_core.checkpoint import load_for, read_file
+from ..wan_core.dit import WanDiT
+from ..wan_core.t5 import UMT5Encoder
+from ..wan_core.tokenizer import UMT5Tokenizer
+from ..wan_core.vae import WanVAE21
+from .common import CATEGORY, WEIGHT_DTYPES, Handle, casting_ops, compute_dtype
+
+MODEL_FPS = 16  # Wan 2.1 T2V renders at 16 fps
+
+
+class WanLeanModelLoader:
+    DESCRIPTION = "Loads a Wan diffusion model (official, ComfyUI-repackaged or sharded files); its size is read from the weights."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WANLEAN_MODEL",)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+                           {"tooltip": "A Wan 2.1 text-to-video model file from models/diffusion_models "
+                                       "(e.g. wan2.1_t2v_1.3B_fp16.safetensors)."}),
+            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
+                             "tooltip": "Dtype the weights are kept in; 'default' keeps the file's dtype."}),
+        }}
+
+    def load(self, model_name, weight_dtype):
+        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
+        sd = load_for(path, "patch_embedding.weight", "a Wan diffusion model",
+                      "Put Wan diffusion models in models/diffusion_models and load VAEs and text encoders with their own loaders.")
+        device = mm.get_torch_device()
+        model = WanDiT.from_state_dict(sd, ops=casting_ops(), dtype=WEIGHT_DTYPES[weight_dtype])
+        dtype = compute_dtype(device)
+        return (Handle.wrap(model, device, mm.unet_offload_device(), dtype, fps=MODEL_FPS),)
+
+
+class WanLeanVAELoader:
+    DESCRIPTION = "Loads the Wan 2.1 video VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WANLEAN_VAE",)
+    RETURN_NAMES = ("vae",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"vae_name": (folder_paths.get_filename_list("vae"),
+                                          {"tooltip": "The Wan 2.1 VAE from models/vae (e.g. wan_2.1_vae.safetensors)."})}}
+
+    def load(self, vae_name):
+        path = folder_paths.get_full_path_or_raise("vae", vae_name)
+        sd = load_for(path, "decoder.conv1.weight", "a video VAE", "Put the Wan VAE in models/vae.")
+        device = mm.vae_device()
+        dtype = compute_dtype(device, fp16_ok=False)
+        model = WanVAE21.from_state_dict(sd, ops=casting_ops())
+        return (Handle.wrap(model, device, mm.vae_offload_device(), dtype),)
+
+
+class WanLeanTextEncoderLoader:
+    DESCRIPTION = ("Loads the umT5-XXL text encoder (official models_t5_umt5-xxl-enc-bf16.pth with its tokenizer beside it, "
+                   "or ComfyUI's umt5_xxl_*.safetensors which carries its tokenizer).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WANLEAN_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text_encoder_name": (folder_paths.get_filename_list("text_encoders"),
+                                                   {"tooltip": "The umT5-XXL encoder from models/text_encoders."})}}
+
+    def load(self, text_encoder_name):
+        path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
+        raw = read_file(path)
+        tokenizer = UMT5Tokenizer.locate(path, raw)
+        device = mm.text_encoder_device()
+        model = UMT5Encoder.from_state_dict(raw, ops=casting_ops())  # runs in fp32, weights cast at use
+        return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32, tokenizer=tokenizer),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanLeanModelLoader": WanLeanModelLoader,
+    "WanLeanVAELoader": WanLeanVAELoader,
+    "WanLeanTextEncoderLoader": WanLeanTextEncoderLoader,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanLeanModelLoader": "Wan Load Diffusion Model",
+    "WanLeanVAELoader": "Wan Load VAE",
+    "WanLeanTextEncoderLoader": "Wan Load Text Encoder (umT5)",
+}

@@ -1,0 +1,110 @@
+"""Tiny random checkpoints in the real key layouts and under the file names users drop in, so every
+graph runs anywhere: `python -m wan_core.smoke MODELS_DIR [--force]` writes a ComfyUI models folder.
+
+The sizes are tiny, the layouts are real: official keys for the DiT and VAE, ComfyUI's HF-layout umT5
+with its `spiece_model` tensor, plus the official `.pth` text encoder with a `google/umt5-xxl/` tokenizer
+folder beside it. Same seeds, same bytes.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from .dit import WanDiT
+from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
+from .tokenizer import train_smoke_spm
+from .vae import WanVAE21
+
+T5_TINY = dict(dim=64, dim_ffn=128, num_heads=4, num_layers=2)
+DIT_TINY = {  # file name -> DiT sizes (text_dim = the tiny T5's width)
+    "wan2.1_t2v_1.3B_fp16.safetensors": dict(dim=256, ffn_dim=512, num_layers=2),
+    "wan2.1_t2v_14B_fp16.safetensors": dict(dim=384, ffn_dim=768, num_layers=3),
+}
+VAE_TINY = dict(dim=8, z_dim=16)
+NORM_SUFFIXES = ("norm.weight", "norm_q.weight", "norm_k.weight", "norm3.weight")
+
+
+def randomize_(module, seed=0, std=0.05):
+    """Fill every parameter with N(0, std) (norm gains 1 + N(0, std)) so no output is trivially zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g) * std
+            p.copy_(1 + r if name.endswith(NORM_SUFFIXES) else r)
+    return module
+
+
+def official_to_hf(sd):
+    """Official umT5 keys -> the HF layout ComfyUI's umt5_xxl_*.safetensors files use."""
+    block = {v: k for k, v in _HF_BLOCK.items()}
+    top = {"token_embedding": "shared", "norm": "encoder.final_layer_norm"}
+    out = {}
+    for key, value in sd.items():
+        module, _, leaf = key.rpartition(".")
+        if module in top:
+            out[f"{top[module]}.{leaf}"] = value
+        else:
+            _, n, inner = module.split(".", 2)
+            out[f"encoder.block.{n}.{block[inner]}.{leaf}"] = value
+    return out
+
+
+def _state(module, dtype):
+    return {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+
+
+def write_text_encoders(root):
+    torch.manual_seed(0)
+    spm = train_smoke_spm(seed=0)
+    t5 = UMT5Encoder(vocab=_vocab_size(spm), **T5_TINY)
+    sd = _state(t5, torch.float16)
+    hf = official_to_hf(sd)
+    hf["spiece_model"] = torch.from_numpy(np.frombuffer(spm, dtype=np.uint8).copy())
+    save_file(hf, os.path.join(root, "text_encoders", "umt5_xxl_fp16.safetensors"))
+    torch.save(_state(t5, torch.bfloat16), os.path.join(root, "text_encoders", "models_t5_umt5-xxl-enc-bf16.pth"))
+    tok_dir = os.path.join(root, "text_encoders", "google", "umt5-xxl")
+    os.makedirs(tok_dir, exist_ok=True)
+    with open(os.path.join(tok_dir, "spiece.model"), "wb") as f:
+        f.write(spm)
+
+
+def _vocab_size(spm_bytes):
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_proto=spm_bytes).get_piece_size()
+
+
+def write_dits(root):
+    for i, (name, cfg) in enumerate(DIT_TINY.items()):
+        model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **cfg), seed=10 + i)
+        save_file(_state(model, torch.float16), os.path.join(root, "diffusion_models", name))
+
+
+def write_vaes(root):
+    torch.manual_seed(1)
+    vae = WanVAE21(**VAE_TINY)
+    save_file(_state(vae, torch.bfloat16), os.path.join(root, "vae", "wan_2.1_vae.safetensors"))
+    torch.save(_state(vae, torch.float32), os.path.join(root, "vae", "Wan2.1_VAE.pth"))
+
+
+def write_all(root, force=False):
+    """Write the smoke models folder (skipped when already complete, unless force)."""
+    stamp = os.path.join(root, ".smoke-v1")
+    if os.path.exists(stamp) and not force:
+        return root
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    write_text_encoders(root)
+    write_dits(root)
+    write_vaes(root)
+    open(stamp, "w").close()
+    return root
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models_dir")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    print("smoke models in", write_all(a.models_dir, a.force))
