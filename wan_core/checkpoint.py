@@ -6,6 +6,7 @@ or its folder), .pth/.pt (read with weights_only=True), and key prefixes such as
 """
 import json
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -22,6 +23,9 @@ MARKERS = {
     "model.diffusion_model.input_blocks.0.0.weight": "Stable Diffusion checkpoint",
     "double_blocks.0.img_attn.qkv.weight": "Flux model",
 }
+
+
+SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -50,8 +54,22 @@ def _read_index(path):
     return sd
 
 
+def shard_index(path):
+    """The index json beside a shard (`...-00001-of-00006.safetensors`) that lists it, or None."""
+    folder, name = os.path.split(path)
+    for f in sorted(os.listdir(folder or ".")):
+        if f.endswith(".index.json"):
+            with open(os.path.join(folder, f), encoding="utf-8") as fh:
+                if name in json.load(fh).get("weight_map", {}).values():
+                    return os.path.join(folder, f)
+    return None
+
+
 def read_file(path):
-    """Every tensor of a checkpoint file (or sharded checkpoint), keys as stored."""
+    """Every tensor of a checkpoint file, keys as stored. A shard of an indexed checkpoint, the index
+    json or its folder read the whole sharded checkpoint."""
+    if SHARD_NAME.search(path):
+        path = shard_index(path) or path
     if os.path.isdir(path):
         index = [f for f in sorted(os.listdir(path)) if f.endswith(".index.json")]
         if not index:

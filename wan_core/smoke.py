@@ -3,9 +3,10 @@ graph runs anywhere: `python -m wan_core.smoke MODELS_DIR [--force]` writes a Co
 
 The sizes are tiny, the layouts are real: official keys for the DiT and VAE, ComfyUI's HF-layout umT5
 with its `spiece_model` tensor, plus the official `.pth` text encoder with a `google/umt5-xxl/` tokenizer
-folder beside it. Same seeds, same bytes.
+folder beside it, the official `Wan2.1_VAE.pth` and the 14B as official bf16 shards with an index json. Same seeds, same bytes.
 """
 import argparse
+import json
 import os
 
 import numpy as np
@@ -75,10 +76,25 @@ def _vocab_size(spm_bytes):
     return spm.SentencePieceProcessor(model_proto=spm_bytes).get_piece_size()
 
 
+def write_sharded(sd, folder, shards=2):
+    """The official release's layout: diffusion_pytorch_model-0000i-of-0000n.safetensors + index json."""
+    os.makedirs(folder, exist_ok=True)
+    keys, weight_map = sorted(sd), {}
+    for i in range(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: sd[k] for k in keys[i::shards]}
+        save_file(part, os.path.join(folder, name))
+        weight_map.update(dict.fromkeys(part, name))
+    with open(os.path.join(folder, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+
+
 def write_dits(root):
     for i, (name, cfg) in enumerate(DIT_TINY.items()):
         model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **cfg), seed=10 + i)
         save_file(_state(model, torch.float16), os.path.join(root, "diffusion_models", name))
+        if "14B" in name:  # the same weights as the official sharded bf16 release
+            write_sharded(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "Wan2.1-T2V-14B"))
 
 
 def write_vaes(root):
@@ -90,7 +106,7 @@ def write_vaes(root):
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v1")
+    stamp = os.path.join(root, ".smoke-v2")
     if os.path.exists(stamp) and not force:
         return root
     for sub in ("diffusion_models", "vae", "text_encoders"):
