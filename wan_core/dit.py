@@ -70,54 +70,78 @@ def apply_rope(x, rope):
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """q/k/v/o projections with RMSNorm on q and k over the full width (before the head split)."""
+
     def __init__(self, dim, heads, eps, ops):
         super().__init__()
         self.heads = heads
         self.q, self.k, self.v, self.o = (ops.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
 
+    def split(self, t):
+        return t.unflatten(-1, (self.heads, -1))
+
+
+class SelfAttention(Attention):
     def forward(self, x, rope):
-        split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
-        q = apply_rope(split(self.norm_q(self.q(x))), rope)
-        k = apply_rope(split(self.norm_k(self.k(x))), rope)
-        return self.o(attention(q, k, split(self.v(x))))
+        q = apply_rope(self.split(self.norm_q(self.q(x))), rope)
+        k = apply_rope(self.split(self.norm_k(self.k(x))), rope)
+        return self.o(attention(q, k, self.split(self.v(x))))
 
 
-class CrossAttention(nn.Module):
-    """Text cross-attention (q from video tokens, k/v from the embedded text context)."""
+class CrossAttention(Attention):
+    """Text cross-attention; image models (I2V/FLF2V) add a CLIP-token branch whose output is summed before `o`."""
 
-    def __init__(self, dim, heads, eps, ops):
+    def __init__(self, dim, heads, eps, ops, image=False):
+        super().__init__(dim, heads, eps, ops)
+        if image:
+            self.k_img, self.v_img = ops.Linear(dim, dim), ops.Linear(dim, dim)
+            self.norm_k_img = RMSNorm(dim, eps)
+
+    def forward(self, x, context, context_img=None):
+        q = self.split(self.norm_q(self.q(x)))
+        out = attention(q, self.split(self.norm_k(self.k(context))), self.split(self.v(context)))
+        if context_img is not None:
+            k_img = self.split(self.norm_k_img(self.k_img(context_img)))
+            out = out + attention(q, k_img, self.split(self.v_img(context_img)))
+        return self.o(out)
+
+
+class ImageProjection(nn.Module):
+    """CLIP tokens -> context: LN-Linear-GELU-Linear-LN; FLF2V adds a learned position table over both images' tokens."""
+
+    def __init__(self, clip_dim, dim, pos_tokens, ops):
         super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (ops.Linear(dim, dim) for _ in range(4))
-        self.norm_q, self.norm_k = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.proj = nn.Sequential(ops.LayerNorm(clip_dim), ops.Linear(clip_dim, clip_dim), nn.GELU(),
+                                  ops.Linear(clip_dim, dim), ops.LayerNorm(dim))
+        self.emb_pos = nn.Parameter(torch.zeros(1, pos_tokens, clip_dim)) if pos_tokens else None
 
-    def forward(self, x, context):
-        split = lambda t: t.unflatten(-1, (self.heads, -1))  # noqa: E731
-        q = split(self.norm_q(self.q(x)))
-        k = split(self.norm_k(self.k(context)))
-        return self.o(attention(q, k, split(self.v(context))))
+    def forward(self, clip_tokens):
+        if self.emb_pos is not None:
+            n = min(clip_tokens.shape[1], self.emb_pos.shape[1])
+            clip_tokens = clip_tokens[:, :n] + self.emb_pos[:, :n].to(clip_tokens)
+        return self.proj(clip_tokens)
 
 
 class Block(nn.Module):
-    def __init__(self, dim, ffn_dim, heads, eps, ops):
+    def __init__(self, dim, ffn_dim, heads, eps, ops, image=False):
         super().__init__()
         self.eps = eps
         self.self_attn = SelfAttention(dim, heads, eps, ops)
         self.norm3 = ops.LayerNorm(dim, eps=eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(dim, heads, eps, ops)
+        self.cross_attn = CrossAttention(dim, heads, eps, ops, image)
         self.ffn = nn.Sequential(ops.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), ops.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, e, rope, context):
+    def forward(self, x, e, rope, context, context_img=None):
         """x [B, L, dim] fp32 residual stream (as the official code keeps it); e [B, Lt, 6, dim] fp32
-        (Lt = 1, or L for per-token timesteps); context [B, 512, dim] in the compute dtype."""
+        (Lt = 1, or L for per-token timesteps); context [B, 512, dim] (+ CLIP tokens) in the compute dtype."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e).unbind(2)
         dt = context.dtype
         h = layer_norm_f32(x, self.eps) * (1 + scale1) + shift1
         x = x + self.self_attn(h.to(dt), rope).float() * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dt), context).float()
+        x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img).float()
         h = layer_norm_f32(x, self.eps) * (1 + scale2) + shift2
         return x + self.ffn(h.to(dt)).float() * gate2
 
@@ -136,10 +160,15 @@ class Head(nn.Module):
 
 
 class WanDiT(nn.Module):
-    """Wan DiT, text-to-video. forward(x [B,C,F,H,W], t [B] or [B, L], context [B, <=512, text_dim]) -> velocity."""
+    """The Wan DiT for every non-audio variant, chosen by config (read from the weights):
+    T2V (in 16), I2V/FLF2V (in 36 + CLIP image branch; FLF2V with a 514-token position table),
+    Wan 2.2 I2V-A14B (in 36, no CLIP), TI2V-5B (in/out 48, per-token timesteps).
+
+    forward(x [B,C,F,H,W], t [B] or [B, L] raw timesteps, context [B, <=512, text_dim],
+            clip [B, 257 or 514, 1280] for image models, y [B, C_y, F, H, W] concatenated to x on channels) -> velocity."""
 
     def __init__(self, dim=1536, ffn_dim=8960, num_layers=30, in_dim=16, out_dim=16, text_dim=4096,
-                 freq_dim=256, patch_size=(1, 2, 2), text_len=512, eps=1e-6, ops=None):
+                 freq_dim=256, patch_size=(1, 2, 2), text_len=512, eps=1e-6, clip_dim=None, clip_pos_tokens=None, ops=None):
         super().__init__()
         ops = ops or nn
         self.dim, self.in_dim, self.out_dim = dim, in_dim, out_dim
@@ -149,8 +178,10 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(ops.Linear(text_dim, dim), nn.GELU(approximate="tanh"), ops.Linear(dim, dim))
         self.time_embedding = nn.Sequential(ops.Linear(freq_dim, dim), nn.SiLU(), ops.Linear(dim, dim))
         self.time_projection = nn.Sequential(nn.SiLU(), ops.Linear(dim, 6 * dim))
-        self.blocks = nn.ModuleList(Block(dim, ffn_dim, self.heads, eps, ops) for _ in range(num_layers))
+        image = clip_dim is not None
+        self.blocks = nn.ModuleList(Block(dim, ffn_dim, self.heads, eps, ops, image) for _ in range(num_layers))
         self.head = Head(dim, out_dim * math.prod(patch_size), eps, ops)
+        self.img_emb = ImageProjection(clip_dim, dim, clip_pos_tokens, ops) if image else None
         self._rope_cache = {}
 
     def rope(self, grid, device):
@@ -173,16 +204,27 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoid(t, self.freq_dim))
         return e, self.time_projection(e).unflatten(-1, (6, self.dim))
 
-    def forward(self, x, t, context):
+    def forward(self, x, t, context, clip=None, y=None):
         dtype = x.dtype
+        if y is not None:
+            x = torch.cat([x, y.to(dtype)], dim=1)
+        if x.shape[1] != self.in_dim:
+            raise ValueError(f"the model takes {self.in_dim} input channels, got {x.shape[1]}: "
+                             + ("an image-to-video model needs the image conditioning" if self.in_dim > self.out_dim
+                                else "the latent comes from another model family"))
         x = self.patch_embedding(x)
         grid = x.shape[2:]
         x = x.flatten(2).transpose(1, 2).float()
         e, e0 = self.embed_time(t)
         context = self.embed_text(context.to(dtype))
+        context_img = None
+        if self.img_emb is not None:
+            if clip is None:
+                raise ValueError("this image-to-video model needs CLIP vision tokens (connect a CLIP vision encoding)")
+            context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
         for block in self.blocks:
-            x = block(x, e0, rope, context)
+            x = block(x, e0, rope, context, context_img)
         return self.unpatchify(self.head(x, e, dtype), grid)
 
     def unpatchify(self, x, grid):
@@ -196,7 +238,10 @@ class WanDiT(nn.Module):
         """Sizes read from tensor shapes (never file names)."""
         pe = sd["patch_embedding.weight"]
         patch = tuple(pe.shape[2:])
+        clip = sd.get("img_emb.proj.0.weight")
+        pos = sd.get("img_emb.emb_pos")
         return dict(dim=pe.shape[0], in_dim=pe.shape[1], patch_size=patch,
+                    clip_dim=None if clip is None else clip.shape[0], clip_pos_tokens=None if pos is None else pos.shape[1],
                     ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
                     num_layers=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
                     out_dim=sd["head.head.weight"].shape[0] // math.prod(patch),
@@ -206,9 +251,6 @@ class WanDiT(nn.Module):
     @classmethod
     def from_state_dict(cls, sd, ops=None, dtype=None):
         """Build on the meta device and adopt the tensors of `sd` (no second copy); dtype converts them."""
-        if "img_emb.proj.0.weight" in sd:
-            raise ValueError("this is an image-to-video Wan model (it has img_emb.* weights); "
-                             "this version of the pack runs text-to-video models only")
         with torch.device("meta"):
             model = cls(**cls.config_from_state_dict(sd), ops=ops)
         if dtype is not None:
