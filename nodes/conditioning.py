@@ -12,8 +12,7 @@ EXAMPLE_PROMPT = ("Two anthropomorphic cats in comfy boxing gear and bright glov
 
 def text_memory(handle, batch):
     """Activation estimate for encoding `batch` prompts of 512 tokens."""
-    dim = handle.patcher.model.dim if hasattr(handle.patcher.model, "dim") else 4096
-    return batch * 512 * dim * 16 * torch.finfo(handle.dtype).bits // 8
+    return batch * 512 * handle.patcher.model.dim * 16 * torch.finfo(handle.dtype).bits // 8
 
 
 class WanLeanTextEncode:

@@ -1,4 +1,6 @@
-"""Loader nodes: the Wan diffusion model, the Wan 2.1 VAE and the umT5 text encoder."""
+"""Loader nodes: the Wan diffusion model, the Wan 2.1 / 2.2 VAE and the umT5 text encoder."""
+import logging
+
 import torch
 
 import folder_paths
@@ -9,9 +11,15 @@ from ..wan_core.dit import WanDiT
 from ..wan_core.t5 import UMT5Encoder
 from ..wan_core.tokenizer import UMT5Tokenizer
 from ..wan_core.vae import WanVAE21
+from ..wan_core.vae22 import WanVAE22
 from .common import CATEGORY, WEIGHT_DTYPES, Handle, casting_ops, compute_dtype
 
-MODEL_FPS = 16  # Wan 2.1 T2V renders at 16 fps
+
+
+def is_vae22(sd):
+    """The Wan 2.2 VAE has 48 latent channels: its 1x1 `conv1` maps 96 -> 96 (the 2.1 VAE's 32 -> 32)."""
+    w = sd.get("conv1.weight")
+    return w is not None and w.shape[0] == 96
 
 
 class WanLeanModelLoader:
@@ -25,24 +33,26 @@ class WanLeanModelLoader:
     def INPUT_TYPES(cls):
         return {"required": {
             "model_name": (folder_paths.get_filename_list("diffusion_models"),
-                           {"tooltip": "A Wan 2.1 text-to-video model file from models/diffusion_models "
-                                       "(e.g. wan2.1_t2v_1.3B_fp16.safetensors)."}),
+                           {"tooltip": "A Wan model from models/diffusion_models (any variant: T2V, I2V, FLF2V, "
+                                       "A14B expert, TI2V-5B; official shards: pick any shard)."}),
             "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
                              "tooltip": "Dtype the weights are kept in; 'default' keeps the file's dtype."}),
         }}
 
     def load(self, model_name, weight_dtype):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        sd = load_for(path, "patch_embedding.weight", "a Wan diffusion model",
+        sd = load_for(path, "head.modulation", "a Wan diffusion model",
                       "Put Wan diffusion models in models/diffusion_models and load VAEs and text encoders with their own loaders.")
         device = mm.get_torch_device()
         model = WanDiT.from_state_dict(sd, ops=casting_ops(), dtype=WEIGHT_DTYPES[weight_dtype])
+        logging.info("Wan Lean: %s is %s", model_name, model.variant_name)
         dtype = compute_dtype(device)
-        return (Handle.wrap(model, device, mm.unet_offload_device(), dtype, fps=MODEL_FPS),)
+        return (Handle.wrap(model, device, mm.unet_offload_device(), dtype),)
 
 
 class WanLeanVAELoader:
-    DESCRIPTION = "Loads the Wan 2.1 video VAE (Wan2.1_VAE.pth or ComfyUI's wan_2.1_vae.safetensors)."
+    DESCRIPTION = ("Loads a Wan video VAE: Wan 2.1 (wan_2.1_vae.safetensors / Wan2.1_VAE.pth; all 14B and 1.3B models) "
+                   "or Wan 2.2 (wan2.2_vae.safetensors / Wan2.2_VAE.pth; TI2V-5B only). The family is read from the weights.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WANLEAN_VAE",)
     RETURN_NAMES = ("vae",)
@@ -51,14 +61,15 @@ class WanLeanVAELoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"vae_name": (folder_paths.get_filename_list("vae"),
-                                          {"tooltip": "The Wan 2.1 VAE from models/vae (e.g. wan_2.1_vae.safetensors)."})}}
+                                          {"tooltip": "A Wan VAE from models/vae (wan_2.1_vae.safetensors, or wan2.2_vae.safetensors for TI2V-5B)."})}}
 
     def load(self, vae_name):
         path = folder_paths.get_full_path_or_raise("vae", vae_name)
         sd = load_for(path, "decoder.conv1.weight", "a video VAE", "Put the Wan VAE in models/vae.")
         device = mm.vae_device()
         dtype = compute_dtype(device, fp16_ok=False)
-        model = WanVAE21.from_state_dict(sd, ops=casting_ops())
+        family = WanVAE22 if is_vae22(sd) else WanVAE21
+        model = family.from_state_dict(sd, ops=casting_ops())
         return (Handle.wrap(model, device, mm.vae_offload_device(), dtype),)
 
 

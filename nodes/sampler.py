@@ -1,12 +1,10 @@
-"""The sampler node: seeded noise -> flow-matching solver with CFG -> LATENT."""
+"""The sampler nodes: seeded noise -> flow-matching solver with CFG -> LATENT. One node for single
+models (Wan 2.1, TI2V-5B), one for the Wan 2.2 A14B pair of experts switched at a boundary timestep."""
 import torch
 
-from ..wan_core.pipeline import check_video_size, generate, latent_shape
+from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
 from .common import CATEGORY, step_callback
-
-# first official example prompt's defaults (Wan 2.1 T2V: 50 steps, shift 5, guidance 5; 832x480, 81 frames)
-DEFAULTS = dict(steps=50, cfg=5.0, shift=5.0, width=832, height=480, length=81)
 
 
 def activation_memory(model, shape, dtype):
@@ -16,15 +14,78 @@ def activation_memory(model, shape, dtype):
     return 2 * tokens * width * torch.finfo(dtype).bits // 8
 
 
-def first_cond(conditioning, name):
+def to_cond(conditioning, name):
+    """Native CONDITIONING ([[features, extras]]) -> Cond; image conditioning rides in the extras."""
     if not conditioning:
-        raise ValueError(f"{name} conditioning is empty: connect the output of Wan Text Encode (or CLIP Text Encode)")
-    return conditioning[0][0]
+        raise ValueError(f"{name} conditioning is empty: connect Wan Text Encode (or CLIP Text Encode)")
+    features, extras = conditioning[0]
+    return Cond(features, clip=extras.get("wanlean_clip"), y=extras.get("wanlean_y"),
+                first_frame=extras.get("wanlean_first_frame"))
+
+
+def check_fit(handle, cond, shape):
+    """Errors that name the mismatch between the model, its image conditioning and the asked size."""
+    net = handle.patcher.model
+    takes_y = net.in_dim - net.out_dim  # 20 image channels (mask + latent) for I2V/FLF2V, 0 otherwise
+    if takes_y and cond.y is None:
+        raise ValueError("this is an image-to-video model: connect Wan Image To Video between the text encode and the sampler")
+    if cond.y is not None and cond.y.shape[1] != takes_y:
+        raise ValueError(f"the image conditioning has {cond.y.shape[1]} channels but this model takes {takes_y}: "
+                         + ("use an I2V model, or drop Wan Image To Video" if not takes_y
+                            else "encode the image with the Wan 2.1 VAE"))
+    if cond.first_frame is not None and cond.first_frame.shape[1] != net.out_dim:
+        raise ValueError(f"the start-image latent has {cond.first_frame.shape[1]} channels but the model makes {net.out_dim}: "
+                         "encode it with the VAE of the model's family (the Wan 2.2 VAE for TI2V-5B)")
+    image = cond.y if cond.y is not None else cond.first_frame
+    frames_differ = cond.y is not None and cond.y.shape[2] != shape[2]
+    if image is not None and (tuple(image.shape[-2:]) != tuple(shape[-2:]) or frames_differ):
+        raise ValueError(f"the image conditioning was made for another size or length (latent {tuple(image.shape[2:])}, "
+                         f"the sampler's is {tuple(shape[2:])}): set the same width, height and length on both nodes")
+
+
+def widgets(steps, cfg, shift):
+    """The shared widgets; defaults are the official ones for the node's models."""
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
+        "steps": ("INT", {"default": steps, "min": 1, "max": 200, "tooltip": f"Solver steps (official: {steps})."}),
+        **cfg,
+        "shift": ("FLOAT", {"default": shift, "min": 0.1, "max": 30.0, "step": 0.1,
+                            "tooltip": f"Timestep shift s*sigma/(1+(s-1)*sigma) (official: {shift})."}),
+        "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
+        "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
+                          "tooltip": "Video width: a multiple of 16 (32 for TI2V-5B)."}),
+        "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
+                           "tooltip": "Video height: a multiple of 16 (32 for TI2V-5B)."}),
+        "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
+                           "tooltip": "Frames, 1+4k (81 = 5 s at 16 fps; TI2V-5B: 121 = 5 s at 24 fps)."}),
+    }
+
+
+def cfg_widget(name, default, what):
+    return {name: ("FLOAT", {"default": default, "min": 1.0, "max": 20.0, "step": 0.1,
+                             "tooltip": f"Classifier-free guidance scale{what}; 1 skips the negative pass."})}
+
+
+def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length):
+    """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached."""
+    cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
+    first = models_cfgs[0][0]
+    channels = first.patcher.model.out_dim
+    check_video_size(width, height, length, 2 * spatial_stride(channels))
+    shape = latent_shape(width, height, length, channels)
+    for handle, *_ in models_cfgs:
+        check_fit(handle, cond, shape)
+    experts = [Expert(lambda h=h: h.load(activation_memory(h.patcher.model, shape, h.dtype)), cfg, min_t)
+               for h, cfg, min_t in models_cfgs]
+    latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
+                      height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,
+                      callback=step_callback(steps, node_id))
+    return ({"samples": latent.cpu()},)
 
 
 class WanLeanSampler:
-    DESCRIPTION = ("Generates a video latent with a Wan model: seeded noise, flow-matching sampling (UniPC as in the "
-                   "official release, DPM++ 2M or Euler) with classifier-free guidance.")
+    DESCRIPTION = ("Generates a video latent with one Wan model (2.1 T2V/I2V/FLF2V, 2.2 TI2V-5B): seeded noise, "
+                   "flow-matching sampling (UniPC as in the official release, DPM++ 2M or Euler) with guidance.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -32,42 +93,46 @@ class WanLeanSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        d = DEFAULTS
         return {"required": {
             "model": ("WANLEAN_MODEL", {"tooltip": "From Wan Load Diffusion Model."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features (Wan Text Encode)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
-            "steps": ("INT", {"default": d["steps"], "min": 1, "max": 200, "tooltip": "Solver steps (official: 50)."}),
-            "cfg": ("FLOAT", {"default": d["cfg"], "min": 1.0, "max": 20.0, "step": 0.1,
-                              "tooltip": "Classifier-free guidance scale; 1 skips the negative pass."}),
-            "shift": ("FLOAT", {"default": d["shift"], "min": 0.1, "max": 30.0, "step": 0.1,
-                                "tooltip": "Timestep shift s*sigma/(1+(s-1)*sigma) (official: 5; 3 for small sizes)."}),
-            "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
-            "width": ("INT", {"default": d["width"], "min": 16, "max": 4096, "step": 16, "tooltip": "Video width (multiple of 16)."}),
-            "height": ("INT", {"default": d["height"], "min": 16, "max": 4096, "step": 16, "tooltip": "Video height (multiple of 16)."}),
-            "length": ("INT", {"default": d["length"], "min": 1, "max": 1025, "step": 4,
-                               "tooltip": "Frames, 1+4k (81 = 5 s at 16 fps)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
+            **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
-    @classmethod
-    def VALIDATE_INPUTS(cls, width, height, length):
-        try:
-            check_video_size(width, height, length)
-        except ValueError as e:
-            return str(e)
-        return True
-
     def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, node_id=None):
-        cond, uncond = first_cond(positive, "positive"), first_cond(negative, "negative")
-        net = model.patcher.model
-        shape = latent_shape(width, height, length, net.out_dim)
-        net = model.load(activation_memory(net, shape, model.dtype))
-        latent = generate(net, cond, uncond, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
-                          width=width, height=height, length=length, device=model.device, dtype=model.dtype,
-                          callback=step_callback(steps, node_id))
-        return ({"samples": latent.cpu()},)
+        return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length)
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanSampler": WanLeanSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanSampler": "Wan Sampler"}
+class WanLeanSamplerA14B:
+    DESCRIPTION = ("Wan 2.2 A14B (T2V or I2V): the high-noise expert runs while the timestep is at or above "
+                   "boundary x 1000, then the low-noise expert, each with its own guidance; ComfyUI loads one at a time. "
+                   "Defaults are T2V-A14B's; I2V-A14B: shift 5, cfg 3.5 / 3.5, boundary 0.900.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        cfgs = {**cfg_widget("cfg_high_noise", 4.0, " of the high-noise expert"),
+                **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert")}
+        return {"required": {
+            "high_noise_model": ("WANLEAN_MODEL", {"tooltip": "The high-noise expert (..._high_noise_...)."}),
+            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "The low-noise expert (..._low_noise_...)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
+            **widgets(40, cfgs, 12.0),
+            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
+                                   "tooltip": "Switch to the low-noise expert below timestep boundary*1000 "
+                                              "(official: 0.875 T2V, 0.900 I2V)."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    def sample(self, high_noise_model, low_noise_model, positive, negative, seed, steps, cfg_high_noise, cfg_low_noise,
+               shift, sampler, width, height, length, boundary, node_id=None):
+        experts = [(high_noise_model, cfg_high_noise, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]
+        return run(experts, positive, negative, node_id, seed, steps, shift, sampler, width, height, length)
+
+
+NODE_CLASS_MAPPINGS = {"WanLeanSampler": WanLeanSampler, "WanLeanSamplerA14B": WanLeanSamplerA14B}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanSampler": "Wan Sampler", "WanLeanSamplerA14B": "Wan 2.2 A14B Sampler (two experts)"}

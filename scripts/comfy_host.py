@@ -159,8 +159,10 @@ def history_error(entry):
 class ComfyServer:
     """A ComfyUI server subprocess on 127.0.0.1 (CPU mode); use as a context manager or call start()/stop()."""
 
-    def __init__(self, models_dir=None, output_dir=None, port=None, extra_args=(), pack_dir=REPO_ROOT, log_path=None):
+    def __init__(self, models_dir=None, output_dir=None, port=None, extra_args=(), pack_dir=REPO_ROOT, log_path=None,
+                 input_dir=None):
         self.models_dir = models_dir
+        self.input_dir = input_dir
         self.output_dir = os.path.abspath(output_dir or os.path.join(REPO_ROOT, "output"))
         self.port = port or free_port()
         self.extra_args = list(extra_args)
@@ -181,6 +183,8 @@ class ComfyServer:
         if self.models_dir is not None:
             yaml_path = write_model_paths_yaml(self.models_dir, os.path.join(self.scratch, "extra_model_paths.yaml"))
             cmd += ["--extra-model-paths-config", yaml_path]
+        if self.input_dir is not None:
+            cmd += ["--input-directory", os.path.abspath(self.input_dir)]
         return cmd + self.extra_args
 
     def start(self, timeout=180):

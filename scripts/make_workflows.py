@@ -1,6 +1,8 @@
-"""Writes the UI-format workflows in workflows/ from the compact graphs below (run after changing a node's widgets).
+"""Writes the UI-format workflows in workflows/ from the compact graph recipes below
+(run it after changing a node's widgets: `python scripts/make_workflows.py`).
 
-Each graph: nodes as (id, type, title, widgets_values, {input_name: (from_id, from_slot)}), laid out left to right.
+A recipe adds nodes to a Graph: `g.add(type, widgets, title=None, **inputs)` where inputs map an input
+name to `(node, output_name)`; slots and link ids are filled in, nodes laid out left to right.
 """
 import json
 import os
@@ -10,84 +12,174 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT  # noqa: E402
 
-# output (name, type) lists and input (name, type) lists of the pack's nodes, in slot order
-OUTPUTS = {
-    "WanLeanModelLoader": [("model", "WANLEAN_MODEL")],
-    "WanLeanVAELoader": [("vae", "WANLEAN_VAE")],
-    "WanLeanTextEncoderLoader": [("text_encoder", "WANLEAN_TEXT_ENCODER")],
-    "WanLeanTextEncode": [("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-    "WanLeanSampler": [("latent", "LATENT")],
-    "WanLeanVAEDecode": [("frames", "IMAGE")],
-    "WanLeanSaveVideo": [],
-    "MarkdownNote": [],
+# (inputs, outputs) of each node type used, as (name, type) in slot order
+SLOTS = {
+    "WanLeanModelLoader": ([], [("model", "WANLEAN_MODEL")]),
+    "WanLeanVAELoader": ([], [("vae", "WANLEAN_VAE")]),
+    "WanLeanTextEncoderLoader": ([], [("text_encoder", "WANLEAN_TEXT_ENCODER")]),
+    "WanLeanCLIPVisionLoader": ([], [("clip_vision", "WANLEAN_CLIP_VISION")]),
+    "WanLeanTextEncode": ([("text_encoder", "WANLEAN_TEXT_ENCODER")], [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "WanLeanCLIPVisionEncode": ([("clip_vision", "WANLEAN_CLIP_VISION"), ("image", "IMAGE")],
+                                [("clip_vision_output", "CLIP_VISION_OUTPUT")]),
+    "WanLeanImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "WANLEAN_VAE"),
+                             ("start_image", "IMAGE"), ("end_image", "IMAGE"), ("clip_vision_start", "CLIP_VISION_OUTPUT"),
+                             ("clip_vision_end", "CLIP_VISION_OUTPUT")],
+                            [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "WanLeanSampler": ([("model", "WANLEAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                       [("latent", "LATENT")]),
+    "WanLeanSamplerA14B": ([("high_noise_model", "WANLEAN_MODEL"), ("low_noise_model", "WANLEAN_MODEL"),
+                            ("positive", "CONDITIONING"), ("negative", "CONDITIONING")], [("latent", "LATENT")]),
+    "WanLeanVAEDecode": ([("vae", "WANLEAN_VAE"), ("latent", "LATENT")], [("frames", "IMAGE")]),
+    "WanLeanSaveVideo": ([("frames", "IMAGE")], []),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "MarkdownNote": ([], []),
 }
-INPUTS = {
-    "WanLeanTextEncode": [("text_encoder", "WANLEAN_TEXT_ENCODER")],
-    "WanLeanSampler": [("model", "WANLEAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
-    "WanLeanVAEDecode": [("vae", "WANLEAN_VAE"), ("latent", "LATENT")],
-    "WanLeanSaveVideo": [("frames", "IMAGE")],
-}
-PROMPT = ("A cat walks on the grass, realistic style, soft sunlight, the camera slowly follows it.")
+PROMPT = "A cat walks on the grass, realistic style, soft sunlight, the camera slowly follows it."
+I2V_PROMPT = "The sun slowly moves across the sky above a small red house on a green hill, gentle clouds drift by."
 
 
-def t2v_graph(model_file, width, height, note):
-    return [
-        (1, "MarkdownNote", "Model files", [note], {}),
-        (2, "WanLeanModelLoader", None, [model_file, "default"], {}),
-        (3, "WanLeanTextEncoderLoader", None, ["umt5_xxl_fp16.safetensors"], {}),
-        (4, "WanLeanVAELoader", None, ["wan_2.1_vae.safetensors"], {}),
-        (5, "WanLeanTextEncode", None, [PROMPT, OFFICIAL_NEGATIVE_PROMPT], {"text_encoder": (3, 0)}),
-        (6, "WanLeanSampler", None, [0, "fixed", 50, 5.0, 5.0, "unipc", width, height, 81],
-         {"model": (2, 0), "positive": (5, 0), "negative": (5, 1)}),
-        (7, "WanLeanVAEDecode", None, [], {"vae": (4, 0), "latent": (6, 0)}),
-        (8, "WanLeanSaveVideo", None, [16, "wan/t2v", 19], {"frames": (7, 0)}),
-    ]
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
 
-
-def ui_workflow(graph):
-    nodes, links = [], []
-    for order, (nid, ntype, title, widgets, wired) in enumerate(graph):
-        inputs = []
-        for name, typ in INPUTS.get(ntype, []):
-            src = wired.get(name)
-            link_id = None
-            if src:
-                link_id = len(links) + 1
-                links.append([link_id, src[0], src[1], nid, len(inputs), typ])
-            inputs.append({"name": name, "type": typ, "link": link_id})
-        node = {"id": nid, "type": ntype, "pos": [40 + 360 * (order // 2), 60 + 320 * (order % 2)], "size": [320, 260],
-                "flags": {}, "order": order, "mode": 0, "inputs": inputs,
-                "outputs": [{"name": n, "type": t, "links": []} for n, t in OUTPUTS[ntype]],
+    def add(self, ntype, widgets, title=None, **inputs):
+        nid = len(self.nodes) + 1
+        ins, outs = SLOTS[ntype]
+        node = {"id": nid, "type": ntype, "pos": [40 + 360 * (len(self.nodes) // 3), 60 + 300 * (len(self.nodes) % 3)],
+                "size": [320, 240], "flags": {}, "order": len(self.nodes), "mode": 0,
+                "inputs": [{"name": n, "type": t, "link": None} for n, t in ins],
+                "outputs": [{"name": n, "type": t, "links": []} for n, t in outs],
                 "properties": {"Node name for S&R": ntype}, "widgets_values": widgets}
         if title:
             node["title"] = title
-        nodes.append(node)
-    by_id = {n["id"]: n for n in nodes}
-    for link_id, src, slot, *_ in links:
-        by_id[src]["outputs"][slot]["links"].append(link_id)
-    return {"last_node_id": max(by_id), "last_link_id": len(links), "nodes": nodes, "links": links,
-            "groups": [], "config": {}, "extra": {}, "version": 0.4}
+        for name, (src, out_name) in inputs.items():
+            slot = [n for n, _ in ins].index(name)
+            src_slot = [o["name"] for o in src["outputs"]].index(out_name)
+            link = [len(self.links) + 1, src["id"], src_slot, nid, slot, ins[slot][1]]
+            self.links.append(link)
+            node["inputs"][slot]["link"] = link[0]
+            src["outputs"][src_slot]["links"].append(link[0])
+        self.nodes.append(node)
+        return node
+
+    def workflow(self):
+        return {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+                "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
 
 
-def note(model_file, size):
-    return (f"**Wan 2.1 text-to-video ({size})**\n\n"
-            f"- `models/diffusion_models/{model_file}`\n"
-            "- `models/text_encoders/umt5_xxl_fp16.safetensors` (or the official `models_t5_umt5-xxl-enc-bf16.pth` "
-            "with its `google/umt5-xxl/` tokenizer folder beside it)\n"
-            "- `models/vae/wan_2.1_vae.safetensors` (or the official `Wan2.1_VAE.pth`)\n\n"
-            "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
+def note(title, files, defaults):
+    lines = "\n".join(f"- `models/{f}`" for f in files)
+    return f"**{title}**\n\nPut the model files here (ComfyUI's repackaged names; the official files work too):\n{lines}\n\n{defaults}"
+
+
+def text_side(g, prompt):
+    te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
+    return g.add("WanLeanTextEncode", [prompt, OFFICIAL_NEGATIVE_PROMPT], text_encoder=(te, "text_encoder"))
+
+
+def finish(g, vae, latent, fps, prefix):
+    frames = g.add("WanLeanVAEDecode", [], vae=(vae, "vae"), latent=(latent, "latent"))
+    g.add("WanLeanSaveVideo", [fps, prefix, 19], frames=(frames, "frames"))
+    return g.workflow()
+
+
+TE, VAE21, VAE22 = "text_encoders/umt5_xxl_fp16.safetensors", "vae/wan_2.1_vae.safetensors", "vae/wan2.2_vae.safetensors"
+
+
+def start_graph(title, files, defaults):
+    g = Graph()
+    g.add("MarkdownNote", [note(title, files, defaults)], title="Model files")
+    return g
+
+
+def t2v(model_file, width, height, title):
+    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21],
+                    "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
+    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", width, height, 81],
+              model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
+    return finish(g, vae, s, 16, "wan/t2v")
+
+
+def images(g, clip, names):
+    """LoadImage nodes (+ their CLIP encodings when clip) for the start (and end) image."""
+    out = []
+    for name, title in zip(names, ("Start image", "End image")):
+        img = g.add("LoadImage", [name, "image"], title=title)
+        enc = g.add("WanLeanCLIPVisionEncode", [], clip_vision=(clip, "clip_vision"), image=(img, "IMAGE")) if clip else None
+        out.append((img, enc))
+    return out
+
+
+def image_cond(g, enc, vae, imgs, size):
+    (start, cs), *end = imgs
+    links = dict(positive=(enc, "positive"), negative=(enc, "negative"), vae=(vae, "vae"), start_image=(start, "IMAGE"))
+    if cs:
+        links["clip_vision_start"] = (cs, "clip_vision_output")
+    if end:
+        links.update(end_image=(end[0][0], "IMAGE"), clip_vision_end=(end[0][1], "clip_vision_output"))
+    return g.add("WanLeanImageToVideo", list(size), **links)
+
+
+def i2v_21(model_file, width, height, steps, shift, title, flf=False):
+    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "clip_vision/clip_vision_h.safetensors"],
+                    f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
+    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    enc, vae = text_side(g, I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
+    names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
+    cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
+    s = g.add("WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc", width, height, 81],
+              model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
+    return finish(g, vae, s, 16, "wan/flf2v" if flf else "wan/i2v")
+
+
+def a14b(kind, cfgs, shift, boundary, title):
+    files = [f"wan2.2_{kind}_high_noise_14B_fp16.safetensors", f"wan2.2_{kind}_low_noise_14B_fp16.safetensors"]
+    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21],
+                    f"Official defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} (high noise) / {cfgs[1]} (low noise), "
+                    f"expert switch at timestep {boundary}x1000, 81 frames at 16 fps, 1280x720. No CLIP.")
+    high, low = (g.add("WanLeanModelLoader", [f, "default"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
+    enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    if kind == "i2v":
+        enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
+    s = g.add("WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc", 1280, 720, 81, boundary],
+              high_noise_model=(high, "model"), low_noise_model=(low, "model"),
+              positive=(enc, "positive"), negative=(enc, "negative"))
+    return finish(g, vae, s, 16, f"wan/{kind}_a14b")
+
+
+def ti2v(with_image):
+    model_file = "wan2.2_ti2v_5B_fp16.safetensors"
+    g = start_graph(f"Wan 2.2 TI2V-5B ({'image' if with_image else 'text'} to video, 1280x704)",
+                    [f"diffusion_models/{model_file}", TE, VAE22],
+                    "Official defaults: 50 UniPC steps, shift 5, guidance 5, 121 frames at 24 fps. Sizes: multiples of 32.")
+    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    enc, vae = text_side(g, I2V_PROMPT if with_image else PROMPT), g.add("WanLeanVAELoader", ["wan2.2_vae.safetensors"])
+    if with_image:
+        enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 704, 121))
+    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", 1280, 704, 121],
+              model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
+    return finish(g, vae, s, 24, "wan/ti2v")
 
 
 WORKFLOWS = {
-    "wan21_t2v_1.3B.json": t2v_graph("wan2.1_t2v_1.3B_fp16.safetensors", 832, 480,
-                                     note("wan2.1_t2v_1.3B_fp16.safetensors", "1.3B, 832x480")),
-    "wan21_t2v_14B.json": t2v_graph("wan2.1_t2v_14B_fp16.safetensors", 1280, 720,
-                                    note("wan2.1_t2v_14B_fp16.safetensors", "14B, 1280x720")),
+    "wan21_t2v_1.3B.json": t2v("wan2.1_t2v_1.3B_fp16.safetensors", 832, 480, "Wan 2.1 T2V-1.3B (832x480)"),
+    "wan21_t2v_14B.json": t2v("wan2.1_t2v_14B_fp16.safetensors", 1280, 720, "Wan 2.1 T2V-14B (1280x720)"),
+    "wan21_i2v_480p.json": i2v_21("wan2.1_i2v_480p_14B_fp16.safetensors", 832, 480, 40, 3.0, "Wan 2.1 I2V-14B-480P"),
+    "wan21_i2v_720p.json": i2v_21("wan2.1_i2v_720p_14B_fp16.safetensors", 1280, 720, 40, 5.0, "Wan 2.1 I2V-14B-720P"),
+    "wan21_flf2v_720p.json": i2v_21("wan2.1_flf2v_720p_14B_fp16.safetensors", 1280, 720, 50, 16.0,
+                                    "Wan 2.1 FLF2V-14B (first and last frame, 720p)", flf=True),
+    "wan22_t2v_a14b.json": a14b("t2v", (4.0, 3.0), 12.0, 0.875, "Wan 2.2 T2V-A14B (two experts)"),
+    "wan22_i2v_a14b.json": a14b("i2v", (3.5, 3.5), 5.0, 0.9, "Wan 2.2 I2V-A14B (two experts)"),
+    "wan22_ti2v_5b_t2v.json": ti2v(False),
+    "wan22_ti2v_5b_i2v.json": ti2v(True),
 }
 
 if __name__ == "__main__":
-    for name, graph in WORKFLOWS.items():
+    for name, workflow in WORKFLOWS.items():
         with open(os.path.join(ROOT, "workflows", name), "w", encoding="utf-8") as f:
-            json.dump(ui_workflow(graph), f, indent=1, ensure_ascii=False)
+            json.dump(workflow, f, indent=1, ensure_ascii=False)
             f.write("\n")
         print("wrote workflows/" + name)

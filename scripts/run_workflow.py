@@ -13,18 +13,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_host import REPO_ROOT, ComfyServer, HostError, host_python  # noqa: E402
+from example_images import write_examples  # noqa: E402
 from workflow_api import set_inputs, ui_to_api  # noqa: E402
 
 SMOKE_MODELS = os.path.join(REPO_ROOT, ".smoke", "models")
+INPUT = os.path.join(REPO_ROOT, ".smoke", "input")  # the example images LoadImage nodes name
 # On the tiny random smoke weights a full 832x480x81, 50-step render only burns CPU time: shrink it
 # (every node input of these names), unless --full-size. Explicit --set values still win.
 SMOKE_SIZE = {"width": 320, "height": 192, "length": 17, "steps": 8}
 
 
-def shrink(api):
+def shrink(api, sizes=SMOKE_SIZE):
+    """Set every widget named in `sizes` (width, height, length, steps) on every node that has it."""
     for node in api.values():
         inputs = node["inputs"]
-        inputs.update({k: v for k, v in SMOKE_SIZE.items() if k in inputs and not isinstance(inputs[k], list)})
+        inputs.update({k: v for k, v in sizes.items() if k in inputs and not isinstance(inputs[k], list)})
     return api
 
 
@@ -46,19 +49,21 @@ def main(argv=None):
     ap.add_argument("--set", dest="overrides", action="append", type=parse_override, default=[],
                     metavar="Class.input=value")
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "output"), help="output directory")
-    ap.add_argument("--smoke", action="store_true", help="(re)write the smoke checkpoints first")
+    ap.add_argument("--smoke", action="store_true", help="rewrite the smoke checkpoints first")
     ap.add_argument("--full-size", action="store_true", help="with smoke weights, keep the workflow's own sizes")
     ap.add_argument("--timeout", type=float, default=3600)
     args = ap.parse_args(argv)
 
     with open(args.workflow, encoding="utf-8") as f:
         workflow = json.load(f)
-    if args.smoke or (args.models is None and not os.path.isdir(SMOKE_MODELS)):
-        if subprocess.run([host_python(), "-m", "wan_core.smoke", SMOKE_MODELS], cwd=REPO_ROOT).returncode:
+    if args.models is None:  # idempotent: writes only what a previous run did not
+        force = ["--force"] if args.smoke else []
+        if subprocess.run([host_python(), "-m", "wan_core.smoke", SMOKE_MODELS, *force], cwd=REPO_ROOT).returncode:
             print("error: writing the smoke checkpoints failed", file=sys.stderr)
             return 1
     try:
-        with ComfyServer(models_dir=args.models or SMOKE_MODELS, output_dir=args.out) as srv:
+        with ComfyServer(models_dir=args.models or SMOKE_MODELS, output_dir=args.out,
+                         input_dir=write_examples(INPUT)) as srv:
             for err in srv.import_errors():
                 print(f"warning: custom node import failed: {err}", file=sys.stderr)
             api = ui_to_api(workflow, srv.object_info()) if "nodes" in workflow else workflow

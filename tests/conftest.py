@@ -7,6 +7,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HOST = os.path.join(ROOT, ".host", "ComfyUI")
 SMOKE_MODELS = os.path.join(ROOT, ".smoke", "models")
+SMOKE_INPUT = os.path.join(ROOT, ".smoke", "input")
 for _p in (ROOT, os.path.join(ROOT, "scripts")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
@@ -45,16 +46,19 @@ def smoke_models():
 def server(smoke_models, tmp_path_factory):
     """One real ComfyUI server on 127.0.0.1 with the pack loaded and the smoke models visible."""
     from comfy_host import ComfyServer
+    from example_images import write_examples
     out = tmp_path_factory.mktemp("comfy-output")
-    with ComfyServer(models_dir=smoke_models, output_dir=str(out)) as srv:
+    with ComfyServer(models_dir=smoke_models, output_dir=str(out), input_dir=write_examples(SMOKE_INPUT)) as srv:
         yield srv
 
 
-def run_workflow(server, name, overrides):
-    """Load workflows/<name> (UI format), convert it with the project's converter, apply overrides, run it."""
+def run_workflow(server, name, overrides=None, sizes=None):
+    """Load workflows/<name> (UI format), convert it with the project's converter, set `sizes` (width, height,
+    length, steps on every node that has them) and `overrides` ({"Class.input": value}), run it."""
     import json
+    from run_workflow import shrink
     from workflow_api import set_inputs, ui_to_api
     with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
         api = ui_to_api(json.load(f), server.object_info())
-    entry = server.run(set_inputs(api, overrides))
+    entry = server.run(set_inputs(shrink(api, sizes or {}), overrides or {}))
     return server.output_files(entry)

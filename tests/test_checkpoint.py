@@ -9,7 +9,7 @@ from wan_core.checkpoint import CheckpointError, load_for, read_file
 from wan_core.dit import WanDiT
 from wan_core.smoke import randomize_, write_sharded
 
-DIT = "patch_embedding.weight"
+DIT = "head.modulation"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 # marker key (without prefix) -> what a file holding it is
 MARKERS = {
-    "patch_embedding.weight": "Wan diffusion model",
+    "head.modulation": "Wan diffusion model",
     "decoder.conv1.weight": "video VAE",
     "encoder.block.0.layer.0.SelfAttention.q.weight": "umT5 text encoder (HF layout)",
     "blocks.0.attn.q.weight": "umT5 text encoder (official layout)",

@@ -221,6 +221,9 @@ class WanDiT(nn.Module):
         if self.img_emb is not None:
             if clip is None:
                 raise ValueError("this image-to-video model needs CLIP vision tokens (connect a CLIP vision encoding)")
+            if clip.shape[-1] != self.img_emb.proj[0].normalized_shape[0]:
+                raise ValueError(f"CLIP tokens are {clip.shape[-1]} wide but the model takes "
+                                 f"{self.img_emb.proj[0].normalized_shape[0]}: use the model's CLIP (clip_vision_h)")
             context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
         for block in self.blocks:
@@ -248,11 +251,27 @@ class WanDiT(nn.Module):
                     text_dim=sd["text_embedding.0.weight"].shape[1],
                     freq_dim=sd["time_embedding.0.weight"].shape[1])
 
+    @staticmethod
+    def variant(cfg):
+        """A readable name for a config (the A14B experts share the 14B shapes; high/low noise cannot be told apart)."""
+        size = {1536: "1.3B", 3072: "5B", 5120: "14B"}.get(cfg["dim"], f"dim {cfg['dim']}")
+        if cfg["in_dim"] == 48:
+            return f"Wan 2.2 TI2V-{size}"
+        if cfg.get("clip_pos_tokens"):
+            return f"Wan 2.1 FLF2V-{size}"
+        if cfg.get("clip_dim"):
+            return f"Wan 2.1 I2V-{size}"
+        if cfg["in_dim"] > cfg["out_dim"]:
+            return f"Wan 2.2 I2V-A14B expert ({size}, no CLIP)"
+        return f"Wan T2V-{size} (2.1, or a 2.2 A14B expert)"
+
     @classmethod
     def from_state_dict(cls, sd, ops=None, dtype=None):
         """Build on the meta device and adopt the tensors of `sd` (no second copy); dtype converts them."""
+        cfg = cls.config_from_state_dict(sd)
         with torch.device("meta"):
-            model = cls(**cls.config_from_state_dict(sd), ops=ops)
+            model = cls(**cfg, ops=ops)
+        model.variant_name = cls.variant(cfg)
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -1,10 +1,19 @@
-"""Text-to-video generation glue that the sampler node calls: size checks, noise, CFG, the solver loop."""
+"""Generation glue the sampler nodes call: size checks, noise, image conditioning, CFG, the Wan 2.2
+expert switch, and the solver loop. Model-agnostic: it sees modules and tensors, never ComfyUI."""
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
 from .sampling import sample
 
-VAE_STRIDE = (4, 8, 8)  # time, height, width compression of the Wan 2.1 VAE
+TIME_STRIDE = 4  # both Wan VAEs compress 4 frames into one latent frame (after the first)
+
+
+def spatial_stride(latent_channels):
+    """8 for the Wan 2.1 VAE (16 channels), 16 for the Wan 2.2 VAE (48 channels)."""
+    return 16 if latent_channels == 48 else 8
 
 
 def _nearest(value, multiple, offset=0):
@@ -18,13 +27,13 @@ def check_video_size(width, height, length, multiple=16):
     for name, v in (("width", width), ("height", height)):
         if v % multiple or v <= 0:
             raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {_nearest(v, multiple)}")
-    if length < 1 or (length - 1) % VAE_STRIDE[0]:
+    if length < 1 or (length - 1) % TIME_STRIDE:
         raise ValueError(f"length {length} is not 1+4k frames; use {_nearest(length, 4, 1)}")
 
 
 def latent_shape(width, height, length, channels=16, batch=1):
-    t, s = VAE_STRIDE[0], VAE_STRIDE[1]
-    return (batch, channels, (length - 1) // t + 1, height // s, width // s)
+    s = spatial_stride(channels)
+    return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
 def initial_noise(shape, seed):
@@ -38,28 +47,82 @@ def pad_context(ctx, length=512):
     return F.pad(ctx, (0, 0, 0, length - ctx.shape[0]))[None]
 
 
-def cfg_denoiser(model, cond, uncond, guidance, dtype):
-    """denoise(x, sigma, t) = u + g * (c - u); both branches in one batch, skipped uncond when g == 1."""
-    both = guidance != 1.0
-    ctx = torch.cat([pad_context(cond), pad_context(uncond)]) if both else pad_context(cond)
+def frame_mask(length, h, w, last=False):
+    """The I2V/FLF2V 4-channel mask [1, 4, T_lat, h, w]: 1 on known pixel frames (the first, and the last
+    for FLF2V), the first frame repeated 4x, then every 4 pixel frames folded into one latent frame."""
+    m = torch.zeros(length + 3, h, w)
+    m[:4] = 1
+    if last:
+        m[-1] = 1
+    return m.view(-1, 4, h, w).transpose(0, 1)[None]
+
+
+@dataclass
+class Cond:
+    """One branch's conditioning: text features [L, D] plus, for image models, CLIP tokens, the channel
+    conditioning y (mask + image latent) or the TI2V first-frame latent."""
+    context: torch.Tensor
+    clip: Optional[torch.Tensor] = None
+    y: Optional[torch.Tensor] = None
+    first_frame: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Expert:
+    """A model used for every step whose timestep is >= min_t; `get` returns it ready on the device
+    (called when the sampler switches to it, so a memory manager can load one expert at a time)."""
+    get: Callable[[], torch.nn.Module]
+    cfg: float
+    min_t: float = 0.0
+
+
+def _cat(a, b, both):
+    return None if a is None else (torch.cat([a, b]) if both else a)
+
+
+def _model_inputs(x, t, cond, both):
+    """The batched (cond, uncond) x, per-token or per-sample t, and extras for one model call."""
+    xin = torch.cat([x, x]) if both else x
+    batch = xin.shape[0]
+    if cond.first_frame is not None:  # TI2V: the image latent replaces frame 0, whose tokens see t = 0
+        xin = torch.cat([cond.first_frame.to(xin).expand(batch, -1, 1, -1, -1), xin[:, :, 1:]], dim=2)
+        _, _, f, h, w = xin.shape
+        tin = torch.full((batch, f, h // 2, w // 2), float(t), device=x.device)
+        tin[:, 0] = 0
+        return xin, tin.flatten(1)
+    return xin, torch.full((batch,), float(t), device=x.device)
+
+
+def make_denoiser(experts, cond, uncond, dtype):
+    """denoise(x, sigma, t) = u + g * (c - u) with the expert (and its g) for timestep t; both branches
+    run as one batch, the negative one skipped when g == 1."""
+    current = {}
 
     def denoise(x, sigma, t):
-        xin = torch.cat([x, x]) if both else x
-        tin = torch.full((xin.shape[0],), float(t), device=x.device)
-        v = model(xin.to(dtype), tin, ctx.to(x.device, dtype)).float()
+        expert = next(e for e in experts if float(t) >= e.min_t)
+        if current.get("expert") is not expert:
+            current.update(expert=expert, model=expert.get())
+        both = expert.cfg != 1.0
+        xin, tin = _model_inputs(x, t, cond, both)
+        ctx = torch.cat([pad_context(cond.context), pad_context(uncond.context)]) if both else pad_context(cond.context)
+        v = current["model"](xin.to(dtype), tin, ctx.to(x.device, dtype),
+                             clip=_cat(cond.clip, uncond.clip, both), y=_cat(cond.y, uncond.y, both)).float()
         if not both:
             return v
         c, u = v.chunk(2)
-        return u + guidance * (c - u)
+        return u + expert.cfg * (c - u)
 
     return denoise
 
 
-def generate(model, cond, uncond, *, seed, steps, cfg, shift, sampler, width, height, length,
+def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, height, length, channels=16,
              device="cpu", dtype=torch.float32, callback=None):
-    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/8, width/8]."""
-    check_video_size(width, height, length)
-    x = initial_noise(latent_shape(width, height, length, model.out_dim), seed).to(device)
-    denoise = cfg_denoiser(model, cond, uncond, cfg, dtype)
+    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride)."""
+    check_video_size(width, height, length, 2 * spatial_stride(channels))
+    x = initial_noise(latent_shape(width, height, length, channels), seed).to(device)
+    denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
-        return sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback)
+        x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback)
+    if cond.first_frame is not None:
+        x[:, :, :1] = cond.first_frame.to(x)
+    return x

@@ -16,14 +16,28 @@ from safetensors.torch import save_file
 from .dit import WanDiT
 from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
 from .tokenizer import train_smoke_spm
+from .clip import WanCLIPVision
 from .vae import WanVAE21
+from .vae22 import WanVAE22
 
 T5_TINY = dict(dim=64, dim_ffn=128, num_heads=4, num_layers=2)
-DIT_TINY = {  # file name -> DiT sizes (text_dim = the tiny T5's width)
+CLIP_TINY = dict(dim=64, mlp_dim=128, num_layers=2)
+_I2V = dict(in_dim=36, clip_dim=CLIP_TINY["dim"])
+_EXPERT = dict(dim=256, ffn_dim=512, num_layers=2)
+DIT_TINY = {  # file name (ComfyUI's repackaged names) -> DiT sizes (text_dim = the tiny T5's width)
     "wan2.1_t2v_1.3B_fp16.safetensors": dict(dim=256, ffn_dim=512, num_layers=2),
     "wan2.1_t2v_14B_fp16.safetensors": dict(dim=384, ffn_dim=768, num_layers=3),
+    "wan2.1_i2v_480p_14B_fp16.safetensors": dict(_EXPERT, **_I2V),
+    "wan2.1_i2v_720p_14B_fp16.safetensors": dict(_EXPERT, **_I2V),
+    "wan2.1_flf2v_720p_14B_fp16.safetensors": dict(_EXPERT, clip_pos_tokens=514, **_I2V),
+    "wan2.2_t2v_high_noise_14B_fp16.safetensors": _EXPERT,
+    "wan2.2_t2v_low_noise_14B_fp16.safetensors": _EXPERT,
+    "wan2.2_i2v_high_noise_14B_fp16.safetensors": dict(_EXPERT, in_dim=36),
+    "wan2.2_i2v_low_noise_14B_fp16.safetensors": dict(_EXPERT, in_dim=36),
+    "wan2.2_ti2v_5B_fp16.safetensors": dict(dim=256, ffn_dim=512, num_layers=2, in_dim=48, out_dim=48),
 }
 VAE_TINY = dict(dim=8, z_dim=16)
+VAE22_TINY = dict(dim=8, dec_dim=12)
 NORM_SUFFIXES = ("norm.weight", "norm_q.weight", "norm_k.weight", "norm3.weight")
 
 
@@ -93,7 +107,7 @@ def write_dits(root):
     for i, (name, cfg) in enumerate(DIT_TINY.items()):
         model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **cfg), seed=10 + i)
         save_file(_state(model, torch.float16), os.path.join(root, "diffusion_models", name))
-        if "14B" in name:  # the same weights as the official sharded bf16 release
+        if name == "wan2.1_t2v_14B_fp16.safetensors":  # also as the official sharded bf16 release
             write_sharded(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "Wan2.1-T2V-14B"))
 
 
@@ -102,18 +116,28 @@ def write_vaes(root):
     vae = WanVAE21(**VAE_TINY)
     save_file(_state(vae, torch.bfloat16), os.path.join(root, "vae", "wan_2.1_vae.safetensors"))
     torch.save(_state(vae, torch.float32), os.path.join(root, "vae", "Wan2.1_VAE.pth"))
+    torch.manual_seed(2)
+    save_file(_state(WanVAE22(**VAE22_TINY), torch.bfloat16), os.path.join(root, "vae", "wan2.2_vae.safetensors"))
+
+
+def write_clip(root):
+    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1."""
+    torch.manual_seed(3)
+    sd = _state(WanCLIPVision(**CLIP_TINY), torch.float16)
+    save_file({"vision_model." + k: v for k, v in sd.items()}, os.path.join(root, "clip_vision", "clip_vision_h.safetensors"))
 
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v2")
+    stamp = os.path.join(root, ".smoke-v3")
     if os.path.exists(stamp) and not force:
         return root
-    for sub in ("diffusion_models", "vae", "text_encoders"):
+    for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     write_text_encoders(root)
     write_dits(root)
     write_vaes(root)
+    write_clip(root)
     open(stamp, "w").close()
     return root
 

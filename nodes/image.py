@@ -1,0 +1,121 @@
+"""Image conditioning nodes: CLIP vision (Wan 2.1 I2V/FLF2V) and Wan Image To Video (I2V, FLF2V, TI2V-5B)."""
+import torch
+
+import comfy.clip_vision
+import comfy.model_management as mm
+import folder_paths
+import node_helpers
+
+from ..wan_core.checkpoint import read_file
+from ..wan_core.clip import WanCLIPVision
+from ..wan_core.conditioning import clip_tokens, image_latents, to_pixels
+from ..wan_core.pipeline import check_video_size, spatial_stride
+from .common import CATEGORY, Handle, casting_ops, compute_dtype
+
+
+class WanLeanCLIPVisionLoader:
+    DESCRIPTION = ("Loads the CLIP ViT-H/14 image encoder of Wan 2.1 I2V/FLF2V (ComfyUI's clip_vision_h.safetensors or the "
+                   "official models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth). Wan 2.2 models use no CLIP.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WANLEAN_CLIP_VISION",)
+    RETURN_NAMES = ("clip_vision",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),
+                                           {"tooltip": "The CLIP vision model from models/clip_vision."})}}
+
+    def load(self, clip_name):
+        sd = read_file(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
+        model = WanCLIPVision.from_state_dict(sd, ops=casting_ops())
+        device = mm.text_encoder_device()
+        return (Handle.wrap(model, device, mm.text_encoder_offload_device(), compute_dtype(device, fp16_ok=False)),)
+
+
+class WanLeanCLIPVisionEncode:
+    DESCRIPTION = ("Encodes an image into the CLIP tokens Wan 2.1 I2V/FLF2V attend to (second-to-last block, 257 x 1280). "
+                   "The output is ComfyUI's CLIP_VISION_OUTPUT, so the built-in CLIP Vision Encode works too.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
+    RETURN_NAMES = ("clip_vision_output",)
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"clip_vision": ("WANLEAN_CLIP_VISION", {"tooltip": "From Wan Load CLIP Vision."}),
+                             "image": ("IMAGE", {"tooltip": "The image to encode (any size; resized to 224)."})}}
+
+    def encode(self, clip_vision, image):
+        pixels = to_pixels(image, "image")
+        model = clip_vision.load()
+        with torch.no_grad():
+            tokens = model(pixels.to(clip_vision.device, clip_vision.dtype)).float()
+        out = comfy.clip_vision.Output()
+        out["penultimate_hidden_states"] = tokens.to(mm.intermediate_device())
+        return (out,)
+
+
+def _tokens(output, name):
+    if output is None:
+        return None
+    tokens = output["penultimate_hidden_states"]
+    if tokens.ndim != 3 or tokens.shape[1] != 257:
+        raise ValueError(f"{name} is not a ViT-H/14 encoding (tokens {tuple(tokens.shape)}, expected 257 per image): "
+                         "use clip_vision_h")
+    return tokens
+
+
+class WanLeanImageToVideo:
+    DESCRIPTION = ("Adds image conditioning to the prompt: Wan 2.1 I2V (start image + CLIP), FLF2V (start and end images, "
+                   "both CLIP encodings), Wan 2.2 I2V-A14B (start image, no CLIP) or TI2V-5B (start image, Wan 2.2 VAE). "
+                   "Use the same width, height and length on the sampler.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
+    RETURN_NAMES = ("positive", "negative")
+    FUNCTION = "apply"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "positive": ("CONDITIONING", {"tooltip": "From Wan Text Encode."}),
+            "negative": ("CONDITIONING", {"tooltip": "From Wan Text Encode."}),
+            "vae": ("WANLEAN_VAE", {"tooltip": "Wan 2.1 VAE (I2V, FLF2V, A14B) or Wan 2.2 VAE (TI2V-5B)."}),
+            "start_image": ("IMAGE", {"tooltip": "The first frame; scaled to cover width x height and centre-cropped."}),
+            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Must match the sampler."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Must match the sampler."}),
+            "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 1+4k; must match the sampler."}),
+        }, "optional": {
+            "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame."}),
+            "clip_vision_start": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan 2.1 I2V/FLF2V: CLIP encoding of the start image."}),
+            "clip_vision_end": ("CLIP_VISION_OUTPUT", {"tooltip": "FLF2V: CLIP encoding of the end image."}),
+        }}
+
+    def apply(self, positive, negative, vae, start_image, width, height, length, end_image=None,
+              clip_vision_start=None, clip_vision_end=None):
+        check_video_size(width, height, length, 2 * spatial_stride(vae.patcher.model.z_dim))
+        start = to_pixels(start_image, "start_image")
+        end = None if end_image is None else to_pixels(end_image, "end_image")
+        model = vae.load()
+        with torch.no_grad():
+            y, first = image_latents(model, start.to(vae.device, vae.dtype),
+                                     None if end is None else end.to(vae.device, vae.dtype), width, height, length)
+        extras = {"wanlean_y": y, "wanlean_first_frame": first}
+        start_tokens = _tokens(clip_vision_start, "clip_vision_start")
+        if start_tokens is not None:
+            extras["wanlean_clip"] = clip_tokens(start_tokens, _tokens(clip_vision_end, "clip_vision_end"))
+        extras = {k: v.float().cpu() for k, v in extras.items() if v is not None}
+        return (node_helpers.conditioning_set_values(positive, extras),
+                node_helpers.conditioning_set_values(negative, extras))
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanLeanCLIPVisionLoader": WanLeanCLIPVisionLoader,
+    "WanLeanCLIPVisionEncode": WanLeanCLIPVisionEncode,
+    "WanLeanImageToVideo": WanLeanImageToVideo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanLeanCLIPVisionLoader": "Wan Load CLIP Vision",
+    "WanLeanCLIPVisionEncode": "Wan CLIP Vision Encode",
+    "WanLeanImageToVideo": "Wan Image To Video",
+}

@@ -1,0 +1,50 @@
+"""Image conditioning for I2V / FLF2V (mask + VAE latent of [first, zeros..., last]) and TI2V-5B
+(the first frame's latent), and the images' way in: ComfyUI-style [B, H, W, C] in [0, 1]."""
+import torch
+import torch.nn.functional as F
+
+from .pipeline import frame_mask
+
+
+def to_pixels(image, name):
+    """[B, H, W, C] in [0, 1] -> [1, 3, H, W] in [-1, 1]; grey images are expanded, alpha is dropped."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} must be an IMAGE [batch, height, width, channels], got shape {tuple(image.shape)}")
+    if image.shape[0] != 1:
+        raise ValueError(f"{name} holds {image.shape[0]} images but one is used: pick one (e.g. with Image From Batch)")
+    rgb = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
+    return rgb.permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def fit(pixels, width, height):
+    """Scale to cover width x height keeping the aspect ratio, then centre-crop (bicubic, clamped)."""
+    _, _, h, w = pixels.shape
+    scale = max(width / w, height / h)
+    size = (max(height, round(h * scale)), max(width, round(w * scale)))
+    out = F.interpolate(pixels, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
+    top, left = (size[0] - height) // 2, (size[1] - width) // 2
+    return out[:, :, top:top + height, left:left + width]
+
+
+def image_latents(vae, start, end, width, height, length):
+    """I2V/FLF2V: y = [4-ch frame mask, latent of [start, zeros..., end]] -> [1, 4 + z, T_lat, h, w].
+    TI2V (48-channel VAE): the start frame's latent [1, 48, 1, h, w]; returns (y, first_frame), one of them None."""
+    start = fit(start, width, height)
+    if vae.z_dim == 48:
+        if end is not None:
+            raise ValueError("TI2V-5B takes a start image only: disconnect end_image")
+        return None, vae.encode(start[:, :, None])
+    frames = torch.zeros(1, 3, length, height, width, dtype=start.dtype, device=start.device)
+    frames[:, :, 0] = start[:, :]
+    if end is not None:
+        if length < 5:
+            raise ValueError("a first-last-frame video needs a length of at least 5 frames")
+        frames[:, :, -1] = fit(end, width, height)
+    latent = vae.encode(frames)
+    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], last=end is not None).to(latent)
+    return torch.cat([mask, latent], dim=1), None
+
+
+def clip_tokens(start, end=None):
+    """CLIP vision tokens of the start image [1, 257, 1280], with the end image's appended for FLF2V."""
+    return start if end is None else torch.cat([start, end], dim=1)

@@ -1,0 +1,246 @@
+"""Wan 2.2 causal video VAE (TI2V-5B): 2x2 pixel patchify, 16x spatial, 4x temporal, 48 latent channels.
+
+Numerics follow the official wan/modules/vae2_2.py. Pixels are folded 2x2 into channels (3 -> 12) and
+run through a causal encoder (base width 160) whose stages are residual: the main path (residual
+blocks + a strided resampler) is added to a parameter-free shortcut that averages channel groups of
+the space/time-folded input; the decoder (base width 256) mirrors it with a shortcut that duplicates
+channels into the upsampled positions, and its upsamplers keep their width (2.1's halve it). The
+layers, the per-conv frame cache and the chunk loop (encode 1, 4, 4, ... frames; decode one latent
+frame at a time) are wan_core/vae.py's. Latents are normalised z = (mu - mean) / std with the 2.2
+constants; decoded pixels are clamped to [-1, 1]. Keys are the official `Wan2.2_VAE.pth` ones
+(= ComfyUI's `wan2.2_vae.safetensors`).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .vae import (Downsample, ResidualBlock, Upsample, _check_keys, _Coder, _conv3d, _run_chunks, _suggest,
+                  check_video_shape)
+
+WAN22_LATENT_MEAN = (
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667,
+)
+WAN22_LATENT_STD = (
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744,
+)
+PATCH = 2      # pixels folded p x p into channels before the encoder
+STRIDE = 16    # spatial pixels per latent (patch 2 x three 2x downsamplers)
+
+
+def check_video_shape22(T, H, W):
+    """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of 16."""
+    problems = []
+    try:
+        check_video_shape(T, STRIDE, STRIDE)
+    except ValueError as err:
+        problems.append(str(err))
+    for name, size in (("height", H), ("width", W)):
+        if size < STRIDE or size % STRIDE:
+            problems.append(f"{name} {size} is not a multiple of {STRIDE}; "
+                            + _suggest(size // STRIDE * STRIDE, STRIDE, STRIDE))
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def patchify(x):
+    """[B,C,T,pH,pW] -> [B,C*p*p,T,H,W]; channel order (c, column offset, row offset) as the official code."""
+    return rearrange(x, "b c t (h ph) (w pw) -> b (c pw ph) t h w", ph=PATCH, pw=PATCH)
+
+
+def unpatchify(x):
+    """Inverse of `patchify`."""
+    return rearrange(x, "b (c pw ph) t h w -> b c t (h ph) (w pw)", ph=PATCH, pw=PATCH)
+
+
+# ----------------------------------------------------------------------------- parameter-free shortcuts
+
+def _avg_down(x, out_dim, ft, fs):
+    """Fold ft x fs x fs neighbourhoods into channels, then average consecutive channel groups down to
+    out_dim. Time is zero-padded on the left to a multiple of ft (the 1-frame first chunk meets a zero)."""
+    x = F.pad(x, (0, 0, 0, 0, -x.shape[2] % ft, 0))
+    x = rearrange(x, "b c (t ft) (h fh) (w fw) -> b (c ft fh fw) t h w", ft=ft, fh=fs, fw=fs)
+    return x.unflatten(1, (out_dim, -1)).mean(dim=2)
+
+
+def _dup_up(x, out_dim, ft, fs):
+    """Inverse layout of `_avg_down`: repeat each channel, then unfold channels into ft x fs x fs positions."""
+    x = x.repeat_interleave(out_dim * ft * fs * fs // x.shape[1], dim=1)
+    return rearrange(x, "b (c ft fh fw) t h w -> b c (t ft) (h fh) (w fw)", ft=ft, fh=fs, fw=fs)
+
+
+def _check_groups(wide, narrow, factor, what):
+    if (wide * factor) % narrow:
+        raise ValueError(f"{what} shortcut: {wide} channels x {factor} positions do not divide into {narrow}")
+
+
+# ----------------------------------------------------------------------------- residual stages
+
+class _WideUpsample(Upsample):
+    """vae.py's Upsample with a width-keeping 3x3 conv (Wan 2.2 upsamplers do not halve the channels)."""
+
+    def __init__(self, dim, temporal, ops):
+        super().__init__(dim, temporal, ops)
+        self.resample[1] = ops.Conv2d(dim, dim, 3, padding=1)
+
+
+class DownBlock(nn.Module):
+    """`n` ResidualBlocks (+ Downsample when `down`) added to an average-pool shortcut of the same stride."""
+
+    def __init__(self, in_dim, out_dim, n, temporal, down, ops):
+        super().__init__()
+        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, ops) for i in range(n)]
+        if down:
+            layers.append(Downsample(out_dim, temporal, ops))
+        self.downsamples = nn.Sequential(*layers)
+        self.out_dim, self.ft, self.fs = out_dim, 2 if temporal else 1, 2 if down else 1
+        _check_groups(in_dim, out_dim, self.ft * self.fs ** 2, "down")
+
+    def forward(self, x, cache):
+        h = x
+        for layer in self.downsamples:
+            h = layer(h, cache)
+        return h + _avg_down(x, self.out_dim, self.ft, self.fs)
+
+
+class UpBlock(nn.Module):
+    """`n` ResidualBlocks (+ width-keeping Upsample and a channel-duplicating shortcut when `up`)."""
+
+    def __init__(self, in_dim, out_dim, n, temporal, up, ops):
+        super().__init__()
+        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, ops) for i in range(n)]
+        if up:
+            layers.append(_WideUpsample(out_dim, temporal, ops))
+        self.upsamples = nn.Sequential(*layers)
+        self.up, self.out_dim, self.ft = up, out_dim, 2 if temporal else 1
+        if up:
+            _check_groups(out_dim, in_dim, self.ft * 4, "up")
+
+    def forward(self, x, cache):
+        h = x
+        for layer in self.upsamples:
+            h = layer(h, cache)
+        if not self.up:
+            return h
+        # In the first chunk the temporal upsampler keeps its single frame while the duplicate has two:
+        # the shortcut keeps the trailing frames the main path produced (official: drop ft-1 leading).
+        short = _dup_up(x, self.out_dim, self.ft, 2)
+        return h + short[:, :, short.shape[2] - h.shape[2]:]
+
+
+class Encoder22(_Coder):
+    """Patchified pixels [B,12,T,H,W] -> [B,out_dim,1+(T-1)//4,H/8,W/8]; temporal down [F,T,T]."""
+
+    def __init__(self, dim, out_dim, ops, mult=(1, 2, 4, 4), temporal=(False, True, True)):
+        super().__init__()
+        dims = [dim * m for m in (1,) + tuple(mult)]
+        last = len(mult) - 1
+        self.conv1 = _conv3d(ops, 3 * PATCH ** 2, dims[0], 3)
+        self.downsamples = nn.Sequential(*(
+            DownBlock(cin, cout, 2, i < last and temporal[i], i < last, ops)
+            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
+        self.middle = self._middle(dims[-1], ops)
+        self.head = self._head(dims[-1], out_dim, ops)
+
+    def blocks(self):
+        return [*self.downsamples, *self.middle]
+
+
+class Decoder22(_Coder):
+    """Latent [B,z,t,h,w] -> patchified pixels [B,12,1+4(t-1),8h,8w]; temporal up [T,T,F]."""
+
+    def __init__(self, dim, z_dim, ops, mult=(1, 2, 4, 4), temporal=(True, True, False)):
+        super().__init__()
+        dims = [dim * m for m in (mult[-1],) + tuple(mult[::-1])]
+        last = len(mult) - 1
+        self.conv1 = _conv3d(ops, z_dim, dims[0], 3)
+        self.middle = self._middle(dims[0], ops)
+        self.upsamples = nn.Sequential(*(
+            UpBlock(cin, cout, 3, i < last and temporal[i], i < last, ops)
+            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
+        self.head = self._head(dims[-1], 3 * PATCH ** 2, ops)
+
+    def blocks(self):
+        return [*self.middle, *self.upsamples]
+
+
+# ----------------------------------------------------------------------------- wrapper
+
+_REQUIRED_KEYS = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight",
+                  "decoder.head.0.gamma")
+
+
+def _latent_stats(like):
+    mean = torch.tensor(WAN22_LATENT_MEAN, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(WAN22_LATENT_STD, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+    return mean, std
+
+
+class WanVAE22(nn.Module):
+    """Wan 2.2 VAE: encode pixels in [-1,1] to normalised 48-channel latents and back (official keys)."""
+
+    z_dim = 48
+
+    def __init__(self, dim=160, dec_dim=256, z_dim=48, ops=None):
+        super().__init__()
+        if z_dim != len(WAN22_LATENT_MEAN):
+            raise ValueError(f"Wan 2.2 VAE has {len(WAN22_LATENT_MEAN)} latent channels, got z_dim={z_dim}")
+        ops = ops or nn
+        self.encoder = Encoder22(dim, z_dim * 2, ops)
+        self.conv1 = _conv3d(ops, z_dim * 2, z_dim * 2, 1)
+        self.conv2 = _conv3d(ops, z_dim, z_dim, 1)
+        self.decoder = Decoder22(dec_dim, z_dim, ops)
+
+    @classmethod
+    def from_state_dict(cls, sd, ops=None):
+        """Build from official keys (dim, dec_dim read from shapes); parameters take sd's tensors (assign)."""
+        for key in _REQUIRED_KEYS:
+            if key not in sd:
+                raise ValueError(f"not a Wan VAE: missing key '{key}'")
+        z_dim, in_ch = sd["conv2.weight"].shape[0], sd["encoder.conv1.weight"].shape[1]
+        if z_dim == 16:
+            raise ValueError("16 latent channels: this is the Wan 2.1 VAE; load it with the Wan 2.1 VAE (WanVAE21)")
+        if z_dim != cls.z_dim or in_ch != 3 * PATCH ** 2:
+            raise ValueError(f"not a Wan 2.2 VAE: {z_dim} latent channels, {in_ch} input channels "
+                             f"(expected {cls.z_dim} and {3 * PATCH ** 2})")
+        dim, dec_dim = sd["encoder.conv1.weight"].shape[0], sd["decoder.head.0.gamma"].shape[0]
+        with torch.device("meta"):
+            model = cls(dim, dec_dim, z_dim, ops)
+        try:  # vae.py's checker names the 2.1 VAE in its messages
+            _check_keys(model.state_dict(), sd)
+        except ValueError as err:
+            raise ValueError(str(err).replace("Wan 2.1 VAE", "Wan 2.2 VAE")) from None
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()
+
+    @torch.no_grad()
+    def encode(self, video, progress=None):
+        """[B,3,T,H,W] in [-1,1] -> (mu - mean) / std, [B,48,1+(T-1)//4,H/16,W/16]; chunks of 1,4,4,... frames."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected video [B,3,T,H,W], got shape {tuple(video.shape)}")
+        check_video_shape22(*video.shape[2:])
+        x = patchify(video)
+        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
+        mu = self.conv1(_run_chunks(self.encoder, chunks, progress))[:, :self.z_dim]
+        mean, std = _latent_stats(mu)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, z, progress=None):
+        """Normalised latent [B,48,t,h,w] -> pixels [B,3,1+4(t-1),16h,16w] in [-1,1]; one latent frame per chunk."""
+        if z.ndim != 5 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected latent [B,{self.z_dim},t,h,w], got shape {tuple(z.shape)}")
+        mean, std = _latent_stats(z)
+        x = self.conv2(z * std + mean)
+        out = _run_chunks(self.decoder, list(x.split(1, dim=2)), progress)
+        return unpatchify(out).clamp_(-1.0, 1.0)
