@@ -83,20 +83,24 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     return ({"samples": latent.cpu()},)
 
 
-class WanLeanSampler:
-    DESCRIPTION = ("Generates a video latent with one Wan model (2.1 T2V/I2V/FLF2V, 2.2 TI2V-5B): seeded noise, "
-                   "flow-matching sampling (UniPC as in the official release, DPM++ 2M or Euler) with guidance.")
+class _Sampler:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    CONDS = {"positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
+             "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."})}
+
+
+class WanLeanSampler(_Sampler):
+    DESCRIPTION = ("Generates a video latent with one Wan model (2.1 T2V/I2V/FLF2V, 2.2 TI2V-5B): seeded noise, "
+                   "flow-matching sampling (UniPC as in the official release, DPM++ 2M or Euler) with guidance.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("WANLEAN_MODEL", {"tooltip": "From Wan Load Diffusion Model."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
+            **cls.CONDS,
             **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
@@ -104,14 +108,10 @@ class WanLeanSampler:
         return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length)
 
 
-class WanLeanSamplerA14B:
+class WanLeanSamplerA14B(_Sampler):
     DESCRIPTION = ("Wan 2.2 A14B (T2V or I2V): the high-noise expert runs while the timestep is at or above "
                    "boundary x 1000, then the low-noise expert, each with its own guidance; ComfyUI loads one at a time. "
                    "Defaults are T2V-A14B's; I2V-A14B: shift 5, cfg 3.5 / 3.5, boundary 0.900.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    FUNCTION = "sample"
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -120,8 +120,7 @@ class WanLeanSamplerA14B:
         return {"required": {
             "high_noise_model": ("WANLEAN_MODEL", {"tooltip": "The high-noise expert (..._high_noise_...)."}),
             "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "The low-noise expert (..._low_noise_...)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
+            **cls.CONDS,
             **widgets(40, cfgs, 12.0),
             "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
                                    "tooltip": "Switch to the low-noise expert below timestep boundary*1000 "
