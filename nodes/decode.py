@@ -30,7 +30,8 @@ class WanLeanVAEDecode:
         z = latent["samples"]
         if z.ndim != 5 or z.shape[1] != vae.patcher.model.z_dim:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE ({vae.patcher.model.z_dim} channels): "
-                             "use the VAE of the model family that made the latent (Wan 2.1 VAE for 16 channels)")
+                             "use the VAE of the model family that made the latent (the Wan 2.1 VAE for 16 channels, "
+                             "the Wan 2.2 VAE for 48: TI2V-5B)")
         model = vae.load(decode_memory(z.shape, vae.dtype))
         bar = comfy.utils.ProgressBar(z.shape[2], node_id=node_id)
 

@@ -89,9 +89,9 @@ class WanLeanTextEncoderLoader:
     def load(self, text_encoder_name):
         path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
         raw = read_file(path)
-        tokenizer = UMT5Tokenizer.locate(path, raw)
         device = mm.text_encoder_device()
         model = UMT5Encoder.from_state_dict(raw, ops=casting_ops())  # runs in fp32, weights cast at use
+        tokenizer = UMT5Tokenizer.locate(path, raw)  # after the model check: a wrong file is named as such first
         return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32, tokenizer=tokenizer),)
 
 

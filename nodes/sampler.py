@@ -2,6 +2,8 @@
 models (Wan 2.1, TI2V-5B), one for the Wan 2.2 A14B pair of experts switched at a boundary timestep."""
 import torch
 
+import comfy.model_management as mm
+
 from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
 from .common import CATEGORY, step_callback
@@ -27,6 +29,9 @@ def check_fit(handle, cond, shape):
     """Errors that name the mismatch between the model, its image conditioning and the asked size."""
     net = handle.patcher.model
     takes_y = net.in_dim - net.out_dim  # 20 image channels (mask + latent) for I2V/FLF2V, 0 otherwise
+    if takes_y and cond.first_frame is not None:
+        raise ValueError("the image conditioning was encoded with the Wan 2.2 VAE (TI2V-5B style); "
+                         "this image-to-video model needs the Wan 2.1 VAE in Wan Image To Video")
     if takes_y and cond.y is None:
         raise ValueError("this is an image-to-video model: connect Wan Image To Video between the text encode and the sampler")
     if cond.y is not None and cond.y.shape[1] != takes_y:
@@ -41,6 +46,24 @@ def check_fit(handle, cond, shape):
     if image is not None and (tuple(image.shape[-2:]) != tuple(shape[-2:]) or frames_differ):
         raise ValueError(f"the image conditioning was made for another size or length (latent {tuple(image.shape[2:])}, "
                          f"the sampler's is {tuple(shape[2:])}): set the same width, height and length on both nodes")
+
+
+def check_experts(handles):
+    """Both A14B experts must be the same variant (a T2V expert next to an I2V one is a wiring mistake)."""
+    names = [h.patcher.model.variant_name for h in handles]
+    shapes = {(h.patcher.model.in_dim, h.patcher.model.out_dim, h.patcher.model.dim) for h in handles}
+    if len(shapes) > 1:
+        raise ValueError(f"high_noise_model is {names[0]} but low_noise_model is {names[1]}: load the two experts of "
+                         "one Wan 2.2 A14B model (..._high_noise_... and ..._low_noise_...)")
+
+
+def check_memory(handle, shape):
+    """Refuse up front what cannot fit: the activation estimate against the device's total memory."""
+    need = activation_memory(handle.patcher.model, shape, handle.dtype)
+    total = mm.get_total_memory(handle.device)
+    if need > total:
+        raise ValueError(f"this size and length need about {need / 2**30:.0f} GiB for the sampler's activations but "
+                         f"the device has {total / 2**30:.0f} GiB: lower width, height or length")
 
 
 def widgets(steps, cfg, shift):
@@ -73,8 +96,10 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     channels = first.patcher.model.out_dim
     check_video_size(width, height, length, 2 * spatial_stride(channels))
     shape = latent_shape(width, height, length, channels)
+    check_experts([h for h, *_ in models_cfgs])
     for handle, *_ in models_cfgs:
         check_fit(handle, cond, shape)
+    check_memory(first, shape)
     experts = [Expert(lambda h=h: h.load(activation_memory(h.patcher.model, shape, h.dtype)), cfg, min_t)
                for h, cfg, min_t in models_cfgs]
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
