@@ -6,6 +6,8 @@ RMS norms (`normalize * sqrt(C) * gamma`), chunked processing with a per-conv ca
 normalisation z = (mu - mean) / std inside the wrapper, decoded pixels clamped to [-1, 1].
 State-dict keys are the official ones (`encoder.*`, `conv1.*`, `conv2.*`, `decoder.*`).
 """
+from functools import partial
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,14 +31,16 @@ def _suggest(lower, step, minimum):
     return f"use {minimum}" if lower < minimum else f"use {lower} or {lower + step}"
 
 
-def check_video_shape(T, H, W):
-    """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of 8."""
+def check_video_shape(T, H, W, multiple=8):
+    """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of `multiple`
+    (8 for the Wan 2.1 VAE, 16 for Wan 2.2's)."""
     problems = []
     if T < 1 or (T - 1) % 4:
         problems.append(f"length {T} is not 1+4k; " + _suggest(1 + 4 * ((T - 1) // 4), 4, 1))
     for name, size in (("height", H), ("width", W)):
-        if size < 8 or size % 8:
-            problems.append(f"{name} {size} is not a multiple of 8; " + _suggest(size // 8 * 8, 8, 8))
+        if size < multiple or size % multiple:
+            problems.append(f"{name} {size} is not a multiple of {multiple}; "
+                            + _suggest(size // multiple * multiple, multiple, multiple))
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -178,13 +182,14 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Temporal: causal time conv to 2C channels, interleaved into 2x frames (skipped for the first
-    chunk); then per-frame nearest-exact 2x upsample + 3x3 conv to C/2 channels."""
+    chunk); then per-frame nearest-exact 2x upsample + 3x3 conv to out_dim channels (default C/2;
+    Wan 2.2's upsamplers keep the width)."""
 
-    def __init__(self, dim, temporal, ops):
+    def __init__(self, dim, temporal, ops, out_dim=None):
         super().__init__()
         self.resample = nn.Sequential(
             nn.Upsample(scale_factor=(2.0, 2.0), mode="nearest-exact"),
-            ops.Conv2d(dim, dim // 2, 3, padding=1))
+            ops.Conv2d(dim, dim // 2 if out_dim is None else out_dim, 3, padding=1))
         self.time_conv = _conv3d(ops, dim, dim * 2, (3, 1, 1)) if temporal else None
 
     def _double_frames(self, x, cache):
@@ -218,21 +223,32 @@ class _Coder(nn.Module):
         return _cached_conv(self.head[2], F.silu(self.head[0](x)), cache)
 
 
+def _stage_specs(dims, temporal):
+    """(in width, out width, resamples, temporally) per stage between consecutive dims; all but the last resample."""
+    last = len(dims) - 2
+    return [(cin, cout, i < last, i < last and temporal[i]) for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))]
+
+
 class Encoder3d(_Coder):
     """Pixels [B,3,T,H,W] -> [B,out_dim,1+(T-1)//4,H/8,W/8]; 2 res blocks per stage, temporal down [F,T,T]."""
+
+    in_channels = 3
 
     def __init__(self, dim, out_dim, ops, mult=(1, 2, 4, 4), temporal=(False, True, True)):
         super().__init__()
         dims = [dim * m for m in (1,) + tuple(mult)]
-        self.conv1 = _conv3d(ops, 3, dims[0], 3)
-        layers = []
-        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            layers += [ResidualBlock(cin, cout, ops), ResidualBlock(cout, cout, ops)]
-            if i < len(mult) - 1:
-                layers.append(Downsample(cout, temporal[i], ops))
-        self.downsamples = nn.Sequential(*layers)
+        self.conv1 = _conv3d(ops, self.in_channels, dims[0], 3)
+        self.downsamples = nn.Sequential(*self._stages(dims, temporal, ops))
         self.middle = self._middle(dims[-1], ops)
         self.head = self._head(dims[-1], out_dim, ops)
+
+    def _stages(self, dims, temporal, ops):
+        layers = []
+        for cin, cout, down, temporal_down in _stage_specs(dims, temporal):
+            layers += [ResidualBlock(cin, cout, ops), ResidualBlock(cout, cout, ops)]
+            if down:
+                layers.append(Downsample(cout, temporal_down, ops))
+        return layers
 
     def blocks(self):
         return [*self.downsamples, *self.middle]
@@ -241,89 +257,30 @@ class Encoder3d(_Coder):
 class Decoder3d(_Coder):
     """Latent [B,z,t,h,w] -> pixels [B,3,1+4(t-1),8h,8w]; 3 res blocks per stage, temporal up [T,T,F]."""
 
+    out_channels = 3
+
     def __init__(self, dim, z_dim, ops, mult=(1, 2, 4, 4), temporal=(True, True, False)):
         super().__init__()
         dims = [dim * m for m in (mult[-1],) + tuple(mult[::-1])]
         self.conv1 = _conv3d(ops, z_dim, dims[0], 3)
         self.middle = self._middle(dims[0], ops)
+        self.upsamples = nn.Sequential(*self._stages(dims, temporal, ops))
+        self.head = self._head(dims[-1], self.out_channels, ops)
+
+    def _stages(self, dims, temporal, ops):
         layers = []
-        for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
+        for i, (cin, cout, up, temporal_up) in enumerate(_stage_specs(dims, temporal)):
             cin = cin // 2 if i > 0 else cin  # every upsampler halves the width
             layers += [ResidualBlock(cin, cout, ops)] + [ResidualBlock(cout, cout, ops) for _ in range(2)]
-            if i < len(mult) - 1:
-                layers.append(Upsample(cout, temporal[i], ops))
-        self.upsamples = nn.Sequential(*layers)
-        self.head = self._head(dims[-1], 3, ops)
+            if up:
+                layers.append(Upsample(cout, temporal_up, ops))
+        return layers
 
     def blocks(self):
         return [*self.middle, *self.upsamples]
 
 
 # ----------------------------------------------------------------------------- wrapper
-
-_REQUIRED_KEYS = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight")
-
-
-class WanVAE21(nn.Module):
-    """Wan 2.1 VAE: encode pixels in [-1,1] to normalised latents and back (official key layout)."""
-
-    def __init__(self, dim=96, z_dim=16, ops=None):
-        super().__init__()
-        if z_dim != len(WAN21_LATENT_MEAN):
-            raise ValueError(f"Wan 2.1 VAE has {len(WAN21_LATENT_MEAN)} latent channels, got z_dim={z_dim}")
-        ops = ops or nn
-        self.z_dim = z_dim
-        self.encoder = Encoder3d(dim, z_dim * 2, ops)
-        self.conv1 = _conv3d(ops, z_dim * 2, z_dim * 2, 1)
-        self.conv2 = _conv3d(ops, z_dim, z_dim, 1)
-        self.decoder = Decoder3d(dim, z_dim, ops)
-
-    @classmethod
-    def from_state_dict(cls, sd, ops=None):
-        """Build from official keys (dim, z_dim read from shapes); parameters take sd's tensors (assign)."""
-        for key in _REQUIRED_KEYS:
-            if key not in sd:
-                raise ValueError(f"not a Wan 2.1 VAE: missing key '{key}'")
-        z_dim, dim = sd["conv2.weight"].shape[0], sd["encoder.conv1.weight"].shape[0]
-        if z_dim == 48:
-            raise ValueError("looks like a Wan 2.2 VAE (48 latent channels); load it with the Wan 2.2 VAE")
-        if z_dim != 16 or sd["encoder.conv1.weight"].shape[1] != 3:
-            raise ValueError(f"not a Wan 2.1 VAE: {z_dim} latent channels, "
-                             f"{sd['encoder.conv1.weight'].shape[1]} input channels (expected 16 and 3)")
-        with torch.device("meta"):
-            model = cls(dim, z_dim, ops)
-        _check_keys(model.state_dict(), sd)
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
-
-    def _latent_stats(self, like):
-        mean = torch.tensor(WAN21_LATENT_MEAN, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-        std = torch.tensor(WAN21_LATENT_STD, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-        return mean, std
-
-    @torch.no_grad()
-    def encode(self, video, progress=None):
-        """[B,3,T,H,W] in [-1,1] -> (mu - mean) / std, [B,16,1+(T-1)//4,H/8,W/8]; chunks of 1,4,4,... frames."""
-        if video.ndim != 5 or video.shape[1] != 3:
-            raise ValueError(f"expected video [B,3,T,H,W], got shape {tuple(video.shape)}")
-        check_video_shape(*video.shape[2:])
-        rest = video[:, :, 1:]
-        chunks = [video[:, :, :1]] + (list(rest.split(4, dim=2)) if rest.shape[2] else [])
-        out = _run_chunks(self.encoder, chunks, progress)
-        mu = self.conv1(out)[:, :self.z_dim]
-        mean, std = self._latent_stats(mu)
-        return (mu - mean) / std
-
-    @torch.no_grad()
-    def decode(self, z, progress=None):
-        """Normalised latent [B,16,t,h,w] -> pixels [B,3,1+4(t-1),8h,8w] clamped to [-1,1]; one latent frame per chunk."""
-        if z.ndim != 5 or z.shape[1] != self.z_dim:
-            raise ValueError(f"expected latent [B,{self.z_dim},t,h,w], got shape {tuple(z.shape)}")
-        mean, std = self._latent_stats(z)
-        x = self.conv2(z * std + mean)
-        out = _run_chunks(self.decoder, list(x.split(1, dim=2)), progress)
-        return out.clamp_(-1.0, 1.0)
-
 
 def _run_chunks(coder, chunks, progress):
     """Run chunks through coder in order with one call-local frame cache; concatenate along time."""
@@ -336,14 +293,107 @@ def _run_chunks(coder, chunks, progress):
     return torch.cat(outs, dim=2)
 
 
-def _check_keys(expected, sd):
+def _require_keys(sd, keys, what):
+    """ValueError naming the first of `keys` missing from sd (checked before shapes are read)."""
+    for key in keys:
+        if key not in sd:
+            raise ValueError(f"not a {what}: missing key '{key}'")
+
+
+def _check_keys(expected, sd, what="Wan 2.1 VAE"):
     """ValueError naming the first missing/unexpected key or wrong shape."""
     for key, ref in expected.items():
         if key not in sd:
-            raise ValueError(f"not a Wan 2.1 VAE: missing key '{key}'")
+            raise ValueError(f"not a {what}: missing key '{key}'")
         if tuple(sd[key].shape) != tuple(ref.shape):
-            raise ValueError(f"not a Wan 2.1 VAE: '{key}' has shape {tuple(sd[key].shape)}, "
+            raise ValueError(f"not a {what}: '{key}' has shape {tuple(sd[key].shape)}, "
                              f"expected {tuple(ref.shape)}")
     extra = sorted(set(sd) - set(expected))
     if extra:
-        raise ValueError(f"not a Wan 2.1 VAE: unexpected key '{extra[0]}'")
+        raise ValueError(f"not a {what}: unexpected key '{extra[0]}'")
+
+
+class _WanVAE(nn.Module):
+    """What both Wan VAEs share: encoder -> conv1 (mu, log-var) and conv2 -> decoder around latents
+    normalised with the family's per-channel mean/std; encode in chunks of 1, 4, 4, ... frames, decode one
+    latent frame at a time. Subclasses set the constants and may fold pixels (`_pack`/`_unpack`)."""
+
+    FAMILY = LATENT_MEAN = LATENT_STD = STRIDE = None  # name in messages, latent stats, pixels per latent
+
+    def __init__(self, z_dim, ops, encoder, decoder):
+        """encoder(ops) and decoder(ops) build the coders; built in key order, after the z_dim check."""
+        super().__init__()
+        if z_dim != len(self.LATENT_MEAN):
+            raise ValueError(f"{self.FAMILY} has {len(self.LATENT_MEAN)} latent channels, got z_dim={z_dim}")
+        ops = ops or nn
+        self.z_dim = z_dim
+        self.encoder = encoder(ops)
+        self.conv1 = _conv3d(ops, z_dim * 2, z_dim * 2, 1)
+        self.conv2 = _conv3d(ops, z_dim, z_dim, 1)
+        self.decoder = decoder(ops)
+
+    @classmethod
+    def _assign(cls, sd, ops, *args):
+        """cls(*args) built on the meta device, sd checked key by key and assigned; eval mode."""
+        with torch.device("meta"):
+            model = cls(*args, ops=ops)
+        _check_keys(model.state_dict(), sd, cls.FAMILY)
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval()
+
+    def _pack(self, video):
+        return video
+
+    def _unpack(self, pixels):
+        return pixels
+
+    def _latent_stats(self, like):
+        mean = torch.tensor(self.LATENT_MEAN, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(self.LATENT_STD, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
+        return mean, std
+
+    @torch.no_grad()
+    def encode(self, video, progress=None):
+        """[B,3,T,H,W] in [-1,1] -> (mu - mean) / std, [B,z_dim,1+(T-1)//4,H/STRIDE,W/STRIDE]."""
+        if video.ndim != 5 or video.shape[1] != 3:
+            raise ValueError(f"expected video [B,3,T,H,W], got shape {tuple(video.shape)}")
+        check_video_shape(*video.shape[2:], self.STRIDE)
+        x = self._pack(video)
+        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
+        mu = self.conv1(_run_chunks(self.encoder, chunks, progress))[:, :self.z_dim]
+        mean, std = self._latent_stats(mu)
+        return (mu - mean) / std
+
+    @torch.no_grad()
+    def decode(self, z, progress=None):
+        """Normalised latent [B,z_dim,t,h,w] -> pixels [B,3,1+4(t-1),STRIDE*h,STRIDE*w] clamped to [-1,1]."""
+        if z.ndim != 5 or z.shape[1] != self.z_dim:
+            raise ValueError(f"expected latent [B,{self.z_dim},t,h,w], got shape {tuple(z.shape)}")
+        mean, std = self._latent_stats(z)
+        x = self.conv2(z * std + mean)
+        out = _run_chunks(self.decoder, list(x.split(1, dim=2)), progress)
+        return self._unpack(out).clamp_(-1.0, 1.0)
+
+
+class WanVAE21(_WanVAE):
+    """Wan 2.1 VAE: encode pixels [B,3,1+4k,8h,8w] in [-1,1] to normalised latents [B,16,1+k,h,w] and
+    back (official key layout)."""
+
+    FAMILY, LATENT_MEAN, LATENT_STD, STRIDE = "Wan 2.1 VAE", WAN21_LATENT_MEAN, WAN21_LATENT_STD, 8
+    z_dim = 16
+
+    def __init__(self, dim=96, z_dim=16, ops=None):
+        super().__init__(z_dim, ops, partial(Encoder3d, dim, z_dim * 2), partial(Decoder3d, dim, z_dim))
+
+    @classmethod
+    def from_state_dict(cls, sd, ops=None):
+        """Build from official keys (dim, z_dim read from shapes); parameters take sd's tensors (assign)."""
+        _require_keys(sd, ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight"),
+                      cls.FAMILY)
+        z_dim, dim = sd["conv2.weight"].shape[0], sd["encoder.conv1.weight"].shape[0]
+        if z_dim == 48:
+            raise ValueError("looks like a Wan 2.2 VAE (48 latent channels); load it with the Wan 2.2 VAE")
+        if z_dim != 16 or sd["encoder.conv1.weight"].shape[1] != 3:
+            raise ValueError(f"not a Wan 2.1 VAE: {z_dim} latent channels, "
+                             f"{sd['encoder.conv1.weight'].shape[1]} input channels (expected 16 and 3)")
+        return cls._assign(sd, ops, dim, z_dim)

@@ -5,18 +5,19 @@ run through a causal encoder (base width 160) whose stages are residual: the mai
 blocks + a strided resampler) is added to a parameter-free shortcut that averages channel groups of
 the space/time-folded input; the decoder (base width 256) mirrors it with a shortcut that duplicates
 channels into the upsampled positions, and its upsamplers keep their width (2.1's halve it). The
-layers, the per-conv frame cache and the chunk loop (encode 1, 4, 4, ... frames; decode one latent
-frame at a time) are wan_core/vae.py's. Latents are normalised z = (mu - mean) / std with the 2.2
-constants; decoded pixels are clamped to [-1, 1]. Keys are the official `Wan2.2_VAE.pth` ones
+layers, the per-conv frame cache and the wrapper (encode 1, 4, 4, ... frames; decode one latent frame
+at a time) are wan_core/vae.py's. Latents are normalised z = (mu - mean) / std with the 2.2 constants;
+decoded pixels are clamped to [-1, 1]. Keys are the official `Wan2.2_VAE.pth` ones
 (= ComfyUI's `wan2.2_vae.safetensors`).
 """
-import torch
+from functools import partial
+
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .vae import (Downsample, ResidualBlock, Upsample, _check_keys, _Coder, _conv3d, _run_chunks, _suggest,
-                  check_video_shape)
+from .vae import (Decoder3d, Downsample, Encoder3d, ResidualBlock, Upsample, _require_keys, _stage_specs,
+                  _WanVAE)
 
 WAN22_LATENT_MEAN = (
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
@@ -36,21 +37,6 @@ WAN22_LATENT_STD = (
 )
 PATCH = 2      # pixels folded p x p into channels before the encoder
 STRIDE = 16    # spatial pixels per latent (patch 2 x three 2x downsamplers)
-
-
-def check_video_shape22(T, H, W):
-    """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of 16."""
-    problems = []
-    try:
-        check_video_shape(T, STRIDE, STRIDE)
-    except ValueError as err:
-        problems.append(str(err))
-    for name, size in (("height", H), ("width", W)):
-        if size < STRIDE or size % STRIDE:
-            problems.append(f"{name} {size} is not a multiple of {STRIDE}; "
-                            + _suggest(size // STRIDE * STRIDE, STRIDE, STRIDE))
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 def patchify(x):
@@ -86,12 +72,14 @@ def _check_groups(wide, narrow, factor, what):
 
 # ----------------------------------------------------------------------------- residual stages
 
-class _WideUpsample(Upsample):
-    """vae.py's Upsample with a width-keeping 3x3 conv (Wan 2.2 upsamplers do not halve the channels)."""
+def _res_blocks(in_dim, out_dim, n, ops):
+    return [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, ops) for i in range(n)]
 
-    def __init__(self, dim, temporal, ops):
-        super().__init__(dim, temporal, ops)
-        self.resample[1] = ops.Conv2d(dim, dim, 3, padding=1)
+
+def _through(layers, x, cache):
+    for layer in layers:
+        x = layer(x, cache)
+    return x
 
 
 class DownBlock(nn.Module):
@@ -99,18 +87,13 @@ class DownBlock(nn.Module):
 
     def __init__(self, in_dim, out_dim, n, temporal, down, ops):
         super().__init__()
-        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, ops) for i in range(n)]
-        if down:
-            layers.append(Downsample(out_dim, temporal, ops))
-        self.downsamples = nn.Sequential(*layers)
+        self.downsamples = nn.Sequential(*_res_blocks(in_dim, out_dim, n, ops),
+                                         *([Downsample(out_dim, temporal, ops)] if down else []))
         self.out_dim, self.ft, self.fs = out_dim, 2 if temporal else 1, 2 if down else 1
         _check_groups(in_dim, out_dim, self.ft * self.fs ** 2, "down")
 
     def forward(self, x, cache):
-        h = x
-        for layer in self.downsamples:
-            h = layer(h, cache)
-        return h + _avg_down(x, self.out_dim, self.ft, self.fs)
+        return _through(self.downsamples, x, cache) + _avg_down(x, self.out_dim, self.ft, self.fs)
 
 
 class UpBlock(nn.Module):
@@ -118,18 +101,14 @@ class UpBlock(nn.Module):
 
     def __init__(self, in_dim, out_dim, n, temporal, up, ops):
         super().__init__()
-        layers = [ResidualBlock(in_dim if i == 0 else out_dim, out_dim, ops) for i in range(n)]
-        if up:
-            layers.append(_WideUpsample(out_dim, temporal, ops))
-        self.upsamples = nn.Sequential(*layers)
+        self.upsamples = nn.Sequential(*_res_blocks(in_dim, out_dim, n, ops),
+                                       *([Upsample(out_dim, temporal, ops, out_dim)] if up else []))
         self.up, self.out_dim, self.ft = up, out_dim, 2 if temporal else 1
         if up:
             _check_groups(out_dim, in_dim, self.ft * 4, "up")
 
     def forward(self, x, cache):
-        h = x
-        for layer in self.upsamples:
-            h = layer(h, cache)
+        h = _through(self.upsamples, x, cache)
         if not self.up:
             return h
         # In the first chunk the temporal upsampler keeps its single frame while the duplicate has two:
@@ -138,75 +117,41 @@ class UpBlock(nn.Module):
         return h + short[:, :, short.shape[2] - h.shape[2]:]
 
 
-class Encoder22(_Coder):
-    """Patchified pixels [B,12,T,H,W] -> [B,out_dim,1+(T-1)//4,H/8,W/8]; temporal down [F,T,T]."""
+class Encoder22(Encoder3d):
+    """Patchified pixels [B,12,T,H,W] -> [B,out_dim,1+(T-1)//4,H/8,W/8]; DownBlock stages, temporal down [F,T,T]."""
 
-    def __init__(self, dim, out_dim, ops, mult=(1, 2, 4, 4), temporal=(False, True, True)):
-        super().__init__()
-        dims = [dim * m for m in (1,) + tuple(mult)]
-        last = len(mult) - 1
-        self.conv1 = _conv3d(ops, 3 * PATCH ** 2, dims[0], 3)
-        self.downsamples = nn.Sequential(*(
-            DownBlock(cin, cout, 2, i < last and temporal[i], i < last, ops)
-            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
-        self.middle = self._middle(dims[-1], ops)
-        self.head = self._head(dims[-1], out_dim, ops)
+    in_channels = 3 * PATCH ** 2
 
-    def blocks(self):
-        return [*self.downsamples, *self.middle]
+    def _stages(self, dims, temporal, ops):
+        return [DownBlock(cin, cout, 2, t, down, ops) for cin, cout, down, t in _stage_specs(dims, temporal)]
 
 
-class Decoder22(_Coder):
-    """Latent [B,z,t,h,w] -> patchified pixels [B,12,1+4(t-1),8h,8w]; temporal up [T,T,F]."""
+class Decoder22(Decoder3d):
+    """Latent [B,z,t,h,w] -> patchified pixels [B,12,1+4(t-1),8h,8w]; UpBlock stages, temporal up [T,T,F]."""
 
-    def __init__(self, dim, z_dim, ops, mult=(1, 2, 4, 4), temporal=(True, True, False)):
-        super().__init__()
-        dims = [dim * m for m in (mult[-1],) + tuple(mult[::-1])]
-        last = len(mult) - 1
-        self.conv1 = _conv3d(ops, z_dim, dims[0], 3)
-        self.middle = self._middle(dims[0], ops)
-        self.upsamples = nn.Sequential(*(
-            UpBlock(cin, cout, 3, i < last and temporal[i], i < last, ops)
-            for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:]))))
-        self.head = self._head(dims[-1], 3 * PATCH ** 2, ops)
+    out_channels = 3 * PATCH ** 2
 
-    def blocks(self):
-        return [*self.middle, *self.upsamples]
+    def _stages(self, dims, temporal, ops):
+        return [UpBlock(cin, cout, 3, t, up, ops) for cin, cout, up, t in _stage_specs(dims, temporal)]
 
 
 # ----------------------------------------------------------------------------- wrapper
 
-_REQUIRED_KEYS = ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight",
-                  "decoder.head.0.gamma")
+class WanVAE22(_WanVAE):
+    """Wan 2.2 VAE: encode pixels [B,3,1+4k,16h,16w] in [-1,1] to normalised latents [B,48,1+k,h,w] and
+    back (official keys); pixels are patchified 2x2 around the coders."""
 
-
-def _latent_stats(like):
-    mean = torch.tensor(WAN22_LATENT_MEAN, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-    std = torch.tensor(WAN22_LATENT_STD, dtype=like.dtype, device=like.device).view(1, -1, 1, 1, 1)
-    return mean, std
-
-
-class WanVAE22(nn.Module):
-    """Wan 2.2 VAE: encode pixels in [-1,1] to normalised 48-channel latents and back (official keys)."""
-
+    FAMILY, LATENT_MEAN, LATENT_STD, STRIDE = "Wan 2.2 VAE", WAN22_LATENT_MEAN, WAN22_LATENT_STD, STRIDE
     z_dim = 48
 
     def __init__(self, dim=160, dec_dim=256, z_dim=48, ops=None):
-        super().__init__()
-        if z_dim != len(WAN22_LATENT_MEAN):
-            raise ValueError(f"Wan 2.2 VAE has {len(WAN22_LATENT_MEAN)} latent channels, got z_dim={z_dim}")
-        ops = ops or nn
-        self.encoder = Encoder22(dim, z_dim * 2, ops)
-        self.conv1 = _conv3d(ops, z_dim * 2, z_dim * 2, 1)
-        self.conv2 = _conv3d(ops, z_dim, z_dim, 1)
-        self.decoder = Decoder22(dec_dim, z_dim, ops)
+        super().__init__(z_dim, ops, partial(Encoder22, dim, z_dim * 2), partial(Decoder22, dec_dim, z_dim))
 
     @classmethod
     def from_state_dict(cls, sd, ops=None):
         """Build from official keys (dim, dec_dim read from shapes); parameters take sd's tensors (assign)."""
-        for key in _REQUIRED_KEYS:
-            if key not in sd:
-                raise ValueError(f"not a Wan VAE: missing key '{key}'")
+        _require_keys(sd, ("encoder.conv1.weight", "conv1.weight", "conv2.weight", "decoder.conv1.weight",
+                           "decoder.head.0.gamma"), "Wan VAE")
         z_dim, in_ch = sd["conv2.weight"].shape[0], sd["encoder.conv1.weight"].shape[1]
         if z_dim == 16:
             raise ValueError("16 latent channels: this is the Wan 2.1 VAE; load it with the Wan 2.1 VAE (WanVAE21)")
@@ -214,33 +159,10 @@ class WanVAE22(nn.Module):
             raise ValueError(f"not a Wan 2.2 VAE: {z_dim} latent channels, {in_ch} input channels "
                              f"(expected {cls.z_dim} and {3 * PATCH ** 2})")
         dim, dec_dim = sd["encoder.conv1.weight"].shape[0], sd["decoder.head.0.gamma"].shape[0]
-        with torch.device("meta"):
-            model = cls(dim, dec_dim, z_dim, ops)
-        try:  # vae.py's checker names the 2.1 VAE in its messages
-            _check_keys(model.state_dict(), sd)
-        except ValueError as err:
-            raise ValueError(str(err).replace("Wan 2.1 VAE", "Wan 2.2 VAE")) from None
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval()
+        return cls._assign(sd, ops, dim, dec_dim, z_dim)
 
-    @torch.no_grad()
-    def encode(self, video, progress=None):
-        """[B,3,T,H,W] in [-1,1] -> (mu - mean) / std, [B,48,1+(T-1)//4,H/16,W/16]; chunks of 1,4,4,... frames."""
-        if video.ndim != 5 or video.shape[1] != 3:
-            raise ValueError(f"expected video [B,3,T,H,W], got shape {tuple(video.shape)}")
-        check_video_shape22(*video.shape[2:])
-        x = patchify(video)
-        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(4, dim=2)) if x.shape[2] > 1 else [])
-        mu = self.conv1(_run_chunks(self.encoder, chunks, progress))[:, :self.z_dim]
-        mean, std = _latent_stats(mu)
-        return (mu - mean) / std
+    def _pack(self, video):
+        return patchify(video)
 
-    @torch.no_grad()
-    def decode(self, z, progress=None):
-        """Normalised latent [B,48,t,h,w] -> pixels [B,3,1+4(t-1),16h,16w] in [-1,1]; one latent frame per chunk."""
-        if z.ndim != 5 or z.shape[1] != self.z_dim:
-            raise ValueError(f"expected latent [B,{self.z_dim},t,h,w], got shape {tuple(z.shape)}")
-        mean, std = _latent_stats(z)
-        x = self.conv2(z * std + mean)
-        out = _run_chunks(self.decoder, list(x.split(1, dim=2)), progress)
-        return unpatchify(out).clamp_(-1.0, 1.0)
+    def _unpack(self, pixels):
+        return unpatchify(pixels)
