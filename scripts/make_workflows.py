@@ -34,6 +34,10 @@ SLOTS = {
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "MarkdownNote": ([], []),
 }
+# room each node needs on the canvas (the frontend grows nodes to fit widgets and image previews)
+HEIGHTS = {"WanLeanSampler": 400, "WanLeanSamplerA14B": 480, "LoadImage": 420, "WanLeanTextEncode": 320,
+           "WanLeanImageToVideo": 260, "MarkdownNote": 300, "WanLeanSaveVideo": 360}
+PER_COLUMN = 3
 PROMPT = "A cat walks on the grass, realistic style, soft sunlight, the camera slowly follows it."
 I2V_PROMPT = "The sun slowly moves across the sky above a small red house on a green hill, gentle clouds drift by."
 
@@ -41,12 +45,19 @@ I2V_PROMPT = "The sun slowly moves across the sky above a small red house on a g
 class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
+        self.column_y = {}
+
+    def place(self, ntype):
+        """Left to right, PER_COLUMN nodes a column, each below the previous one's room."""
+        col = len(self.nodes) // PER_COLUMN
+        y = self.column_y.get(col, 60)
+        self.column_y[col] = y + HEIGHTS.get(ntype, 160) + 40
+        return [40 + 380 * col, y]
 
     def add(self, ntype, widgets, title=None, **inputs):
         nid = len(self.nodes) + 1
         ins, outs = SLOTS[ntype]
-        node = {"id": nid, "type": ntype, "pos": [40 + 360 * (len(self.nodes) // 3), 60 + 300 * (len(self.nodes) % 3)],
-                "size": [320, 240], "flags": {}, "order": len(self.nodes), "mode": 0,
+        node = {"id": nid, "type": ntype, "pos": self.place(ntype), "size": [340, HEIGHTS.get(ntype, 160)], "flags": {}, "order": len(self.nodes), "mode": 0,
                 "inputs": [{"name": n, "type": t, "link": None} for n, t in ins],
                 "outputs": [{"name": n, "type": t, "links": []} for n, t in outs],
                 "properties": {"Node name for S&R": ntype}, "widgets_values": widgets}

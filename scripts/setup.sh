@@ -7,7 +7,9 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 venv="$root/.venv"
 py="$venv/bin/python"
-stamp="$venv/.setup-v1"
+# the stamp names the requirement lists' checksum: editing them re-runs the (idempotent) installs
+sum="$(cat scripts/host-requirements.txt requirements.txt | sha1sum | cut -c1-12)"
+stamp="$venv/.setup-$sum"
 
 if [ ! -f "$stamp" ]; then
   [ -x "$py" ] || python3 -m venv "$venv"

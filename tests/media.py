@@ -3,15 +3,18 @@ import av
 
 
 def _audio_seconds(container, stream):
-    """Decoded audio length in seconds (sum of samples / sample rate)."""
+    """Audio length in seconds as players see it: the track's duration after its edit list (which hides the AAC
+    encoder's priming samples); decoded samples / rate when the container states no duration."""
     samples = sum(frame.samples for frame in container.decode(stream))
+    if stream.duration:
+        return float(stream.duration * stream.time_base)
     return samples / stream.codec_context.sample_rate
 
 
 def probe(path):
     """dict(frames, width, height, fps, duration, audio_duration, codec, audio_rate) of a video file.
 
-    frames: decoded video frames; duration: frames / fps (seconds); audio_duration: decoded samples / rate, or None
+    frames: decoded video frames; duration: frames / fps (seconds); audio_duration: the audio track's duration, or None
     when there is no audio stream (audio_rate is then None too).
     """
     with av.open(str(path)) as container:
