@@ -49,17 +49,36 @@ def rope_axes(head_dim):
     return (pairs - 2 * hw, hw, hw)
 
 
-def rope_table(grid, head_dim, device, theta=10000.0):
-    """cos/sin tables [L, head_dim/2] for a (frames, height, width) token grid, positions from 0."""
+def rope_positions(positions, head_dim, device, theta=10000.0):
+    """cos/sin tables [L, head_dim/2] for the token grid spanned by per-axis positions (frame, height, width),
+    row-major; positions may be negative (S2V motion tokens) or sparse (S2V compressed motion buckets)."""
+    positions = [torch.as_tensor(p, dtype=torch.float64, device=device).reshape(-1) for p in positions]
+    sizes = [len(p) for p in positions]
     angles = []
-    for axis, (size, n) in enumerate(zip(grid, rope_axes(head_dim))):
+    for axis, (pos, n) in enumerate(zip(positions, rope_axes(head_dim))):
         inv = 1.0 / theta ** (torch.arange(n, dtype=torch.float64, device=device) * 2 / (2 * n))
-        a = torch.arange(size, dtype=torch.float64, device=device)[:, None] * inv
+        a = pos[:, None] * inv
         shape = [1, 1, 1, n]
-        shape[axis] = size
-        angles.append(a.view(shape).expand(*grid, n))
+        shape[axis] = len(pos)
+        angles.append(a.view(shape).expand(*sizes, n))
     angles = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)
     return torch.cos(angles).float(), torch.sin(angles).float()
+
+
+def rope_table(grid, head_dim, device, theta=10000.0):
+    """cos/sin tables [L, head_dim/2] for a (frames, height, width) token grid, positions from 0."""
+    return rope_positions([torch.arange(size, dtype=torch.float64) for size in grid], head_dim, device, theta)
+
+
+def modulate(h, scale, shift=None, segments=None):
+    """h * scale (+ shift) in fp32; scale/shift [B, Lt, dim] with Lt = 1 (all tokens) or L (per token). With
+    `segments` (token counts of consecutive runs, Lt = len(segments)) row i applies to run i only: S2V's noisy
+    tokens at t and its reference/motion tokens at t = 0, without a per-token copy of the modulation."""
+    if segments is not None:
+        parts = h.split(list(segments), dim=1)
+        return torch.cat([modulate(p, scale[:, i:i + 1], None if shift is None else shift[:, i:i + 1])
+                          for i, p in enumerate(parts)], dim=1)
+    return h * scale if shift is None else h * scale + shift
 
 
 def apply_rope(x, rope):
@@ -134,16 +153,17 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(ops.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), ops.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
-    def forward(self, x, e, rope, context, context_img=None):
+    def forward(self, x, e, rope, context, context_img=None, segments=None):
         """x [B, L, dim] fp32 residual stream (as the official code keeps it); e [B, Lt, 6, dim] fp32
-        (Lt = 1, or L for per-token timesteps); context [B, 512, dim] (+ CLIP tokens) in the compute dtype."""
+        (Lt = 1, or L for per-token timesteps, or len(segments): see `modulate`); context [B, 512, dim]
+        (+ CLIP tokens) in the compute dtype."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e).unbind(2)
         dt = context.dtype
-        h = layer_norm_f32(x, self.eps) * (1 + scale1) + shift1
-        x = x + self.self_attn(h.to(dt), rope).float() * gate1
+        h = modulate(layer_norm_f32(x, self.eps), 1 + scale1, shift1, segments)
+        x = x + modulate(self.self_attn(h.to(dt), rope).float(), gate1, None, segments)
         x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img).float()
-        h = layer_norm_f32(x, self.eps) * (1 + scale2) + shift2
-        return x + self.ffn(h.to(dt)).float() * gate2
+        h = modulate(layer_norm_f32(x, self.eps), 1 + scale2, shift2, segments)
+        return x + modulate(self.ffn(h.to(dt)).float(), gate2, None, segments)
 
 
 class Head(nn.Module):
@@ -266,8 +286,16 @@ class WanDiT(nn.Module):
         return f"Wan T2V-{size} (2.1, or a 2.2 A14B expert)"
 
     @classmethod
+    def check_state_dict(cls, sd):
+        """Refuse a checkpoint that belongs to another model class, naming the class that loads it."""
+        if any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd):
+            raise ValueError("this is a Wan2.2-S2V (speech-to-video) checkpoint: load it with wan_core.s2v.WanS2V "
+                             "(the S2V model loader), not as a text/image-to-video model")
+
+    @classmethod
     def from_state_dict(cls, sd, ops=None, dtype=None):
         """Build on the meta device and adopt the tensors of `sd` (no second copy); dtype converts them."""
+        cls.check_state_dict(sd)
         cfg = cls.config_from_state_dict(sd)
         with torch.device("meta"):
             model = cls(**cfg, ops=ops)
