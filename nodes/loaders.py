@@ -6,14 +6,26 @@ import torch
 import folder_paths
 import comfy.model_management as mm
 
-from ..wan_core.checkpoint import load_for, read_file
+from ..wan_core.checkpoint import load_dit, load_vae, read_file
 from ..wan_core.dit import WanDiT
+from ..wan_core.s2v import WanS2V, is_s2v_state_dict
 from ..wan_core.t5 import UMT5Encoder
 from ..wan_core.tokenizer import UMT5Tokenizer
 from ..wan_core.vae import WanVAE21
 from ..wan_core.vae22 import WanVAE22
 from .common import CATEGORY, WEIGHT_DTYPES, Handle, casting_ops, compute_dtype
+from .ops import ops_for
 
+# the DiT can also be stored in fp8 (matrices only), computed through ComfyUI's casting ops
+DIT_WEIGHT_DTYPES = {**WEIGHT_DTYPES, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+# GGUF files are listed beside the diffusion models (ComfyUI's own list only has its torch extensions)
+GGUF_FILES = "wanlean_gguf"
+if GGUF_FILES not in folder_paths.folder_names_and_paths:
+    folder_paths.folder_names_and_paths[GGUF_FILES] = (folder_paths.folder_names_and_paths["diffusion_models"][0], {".gguf"})
+
+
+def diffusion_model_files():
+    return sorted(folder_paths.get_filename_list("diffusion_models") + folder_paths.get_filename_list(GGUF_FILES))
 
 
 def is_vae22(sd):
@@ -23,7 +35,9 @@ def is_vae22(sd):
 
 
 class WanLeanModelLoader:
-    DESCRIPTION = "Loads a Wan diffusion model (official, ComfyUI-repackaged or sharded files); its size is read from the weights."
+    DESCRIPTION = ("Loads a Wan diffusion model: official (single or sharded), ComfyUI-repackaged (bf16/fp16/fp8, fp8 "
+                   "scaled), diffusers (single file or a transformer folder: pick any shard) or GGUF (city96's, kept "
+                   "quantised and dequantised per layer). Variant and layout are read from the weights.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("WANLEAN_MODEL",)
     RETURN_NAMES = ("model",)
@@ -32,20 +46,21 @@ class WanLeanModelLoader:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (folder_paths.get_filename_list("diffusion_models"),
+            "model_name": (diffusion_model_files(),
                            {"tooltip": "A Wan model from models/diffusion_models (any variant: T2V, I2V, FLF2V, "
-                                       "A14B expert, TI2V-5B; official shards: pick any shard)."}),
-            "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default",
-                             "tooltip": "Dtype the weights are kept in; 'default' keeps the file's dtype."}),
+                                       "A14B expert, TI2V-5B; .safetensors, .gguf; sharded files: pick any shard)."}),
+            "weight_dtype": (list(DIT_WEIGHT_DTYPES), {"default": "default",
+                             "tooltip": "Dtype the weights are kept in; 'default' keeps the file's dtype (fp8, scaled "
+                                        "fp8 and GGUF stay as stored). fp8 stores the matrices in 8 bits."}),
         }}
 
     def load(self, model_name, weight_dtype):
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        sd = load_for(path, "head.modulation", "a Wan diffusion model",
-                      "Put Wan diffusion models in models/diffusion_models and load VAEs and text encoders with their own loaders.")
         device = mm.get_torch_device()
-        model = WanDiT.from_state_dict(sd, ops=casting_ops(), dtype=WEIGHT_DTYPES[weight_dtype])
-        logging.info("Wan Lean: %s is %s", model_name, model.variant_name)
+        ckpt = load_dit(path, DIT_WEIGHT_DTYPES[weight_dtype])
+        family = WanS2V if is_s2v_state_dict(ckpt.sd) else WanDiT
+        model = family.from_state_dict(ckpt.sd, ops=ops_for(ckpt, device))
+        logging.info("Wan Lean: %s is %s (%s)", model_name, model.variant_name, ckpt.describe())
         dtype = compute_dtype(device)
         return (Handle.wrap(model, device, mm.unet_offload_device(), dtype),)
 
@@ -65,7 +80,7 @@ class WanLeanVAELoader:
 
     def load(self, vae_name):
         path = folder_paths.get_full_path_or_raise("vae", vae_name)
-        sd = load_for(path, "decoder.conv1.weight", "a video VAE", "Put the Wan VAE in models/vae.")
+        sd = load_vae(path).sd
         device = mm.vae_device()
         dtype = compute_dtype(device, fp16_ok=False)
         family = WanVAE22 if is_vae22(sd) else WanVAE21

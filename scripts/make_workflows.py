@@ -30,12 +30,19 @@ SLOTS = {
     "WanLeanSamplerA14B": ([("high_noise_model", "WANLEAN_MODEL"), ("low_noise_model", "WANLEAN_MODEL"),
                             ("positive", "CONDITIONING"), ("negative", "CONDITIONING")], [("latent", "LATENT")]),
     "WanLeanVAEDecode": ([("vae", "WANLEAN_VAE"), ("latent", "LATENT")], [("frames", "IMAGE")]),
-    "WanLeanSaveVideo": ([("frames", "IMAGE")], []),
+    "WanLeanSaveVideo": ([("frames", "IMAGE"), ("audio", "AUDIO")], []),
+    "WanLeanAudioEncoderLoader": ([], [("audio_encoder", "WANLEAN_AUDIO_ENCODER")]),
+    "WanLeanLoadAudio": ([], [("audio", "AUDIO")]),
+    "WanLeanSpeechToVideo": ([("model", "WANLEAN_MODEL"), ("vae", "WANLEAN_VAE"), ("audio_encoder", "WANLEAN_AUDIO_ENCODER"),
+                              ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("ref_image", "IMAGE"),
+                              ("audio", "AUDIO"), ("pose_video", "IMAGE")], [("frames", "IMAGE"), ("audio", "AUDIO")]),
+    "LoadVideo": ([], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ([("video", "VIDEO")], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "MarkdownNote": ([], []),
 }
 # room each node needs on the canvas (the frontend grows nodes to fit widgets and image previews)
-HEIGHTS = {"WanLeanSampler": 400, "WanLeanSamplerA14B": 480, "LoadImage": 420, "WanLeanTextEncode": 320,
+HEIGHTS = {"WanLeanSpeechToVideo": 480, "LoadVideo": 420, "WanLeanSampler": 400, "WanLeanSamplerA14B": 480, "LoadImage": 420, "WanLeanTextEncode": 320,
            "WanLeanImageToVideo": 260, "MarkdownNote": 300, "WanLeanSaveVideo": 360}
 PER_COLUMN = 3
 PROMPT = "A cat walks on the grass, realistic style, soft sunlight, the camera slowly follows it."
@@ -175,6 +182,32 @@ def ti2v(with_image):
     return finish(g, vae, s, 24, "wan/ti2v")
 
 
+S2V_PROMPT = "A person speaks to the camera in a bright room, natural head and lip movement."
+
+
+def s2v(title, pose=False, max_clips=1):
+    model_file = "wan2.2_s2v_14B_bf16.safetensors"
+    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "audio_encoders/wav2vec2_large_english_fp16.safetensors"],
+                    "Official defaults: 40 UniPC steps per 80-frame clip, shift 3, guidance 4.5, 16 fps. Each clip continues "
+                    "from the last 73 frames of the one before; max_clips 0 renders as many clips as the audio needs.")
+    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    enc, vae = text_side(g, S2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    audio_enc = g.add("WanLeanAudioEncoderLoader", ["wav2vec2_large_english_fp16.safetensors"])
+    image = g.add("LoadImage", ["wan_example_start.png", "image"], title="Reference image")
+    audio = g.add("WanLeanLoadAudio", ["wan_example_speech.wav"], title="Speech")
+    extra = {}
+    if pose:
+        video = g.add("LoadVideo", ["wan_example_pose.mp4", "video"], title="Pose video (16 fps)")
+        parts = g.add("GetVideoComponents", [], video=(video, "VIDEO"))
+        extra["pose_video"] = (parts, "images")
+    s = g.add("WanLeanSpeechToVideo", [832, 480, 0, "fixed", 40, 4.5, 3.0, "unipc", max_clips],
+              model=(model, "model"), vae=(vae, "vae"), audio_encoder=(audio_enc, "audio_encoder"),
+              positive=(enc, "positive"), negative=(enc, "negative"), ref_image=(image, "IMAGE"), audio=(audio, "audio"),
+              **extra)
+    g.add("WanLeanSaveVideo", [16, "wan/s2v", 19], frames=(s, "frames"), audio=(s, "audio"))
+    return g.workflow()
+
+
 WORKFLOWS = {
     "wan21_t2v_1.3B.json": t2v("wan2.1_t2v_1.3B_fp16.safetensors", 832, 480, "Wan 2.1 T2V-1.3B (832x480)"),
     "wan21_t2v_14B.json": t2v("wan2.1_t2v_14B_fp16.safetensors", 1280, 720, "Wan 2.1 T2V-14B (1280x720)"),
@@ -186,6 +219,9 @@ WORKFLOWS = {
     "wan22_i2v_a14b.json": a14b("i2v", (3.5, 3.5), 5.0, 0.9, "Wan 2.2 I2V-A14B (two experts)"),
     "wan22_ti2v_5b_t2v.json": ti2v(False),
     "wan22_ti2v_5b_i2v.json": ti2v(True),
+    "wan22_s2v.json": s2v("Wan 2.2 S2V-14B (image + speech, one clip)"),
+    "wan22_s2v_pose.json": s2v("Wan 2.2 S2V-14B with a pose video", pose=True),
+    "wan22_s2v_long.json": s2v("Wan 2.2 S2V-14B, long video (clips follow the audio)", max_clips=0),
 }
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comfy_host import REPO_ROOT, ComfyServer, HostError, host_python  # noqa: E402
-from example_images import write_examples  # noqa: E402
+from example_inputs import write_examples  # noqa: E402
 from workflow_api import set_inputs, ui_to_api  # noqa: E402
 
 SMOKE_MODELS = os.path.join(REPO_ROOT, ".smoke", "models")

@@ -46,7 +46,7 @@ def smoke_models():
 def server(smoke_models, tmp_path_factory):
     """One real ComfyUI server on 127.0.0.1 with the pack loaded and the smoke models visible."""
     from comfy_host import ComfyServer
-    from example_images import write_examples
+    from example_inputs import write_examples
     out = tmp_path_factory.mktemp("comfy-output")
     with ComfyServer(models_dir=smoke_models, output_dir=str(out), input_dir=write_examples(SMOKE_INPUT)) as srv:
         yield srv

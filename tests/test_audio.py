@@ -281,6 +281,7 @@ def test_comfy_audio_in_and_out():
     with pytest.raises(ValueError, match="expected ComfyUI AUDIO"):
         from_comfy_audio(stereo)
     assert trim_to_video(torch.zeros(2, 96000), 48000, 16).shape == (2, 48000)
+    assert trim_to_video(torch.ones(1, 1000), 16000, 16).shape == (1, 16000)  # shorter audio: silence appended
 
 
 # ---------------------------------------------------------------- real speech

@@ -48,5 +48,6 @@ def test_wrong_kind_and_corrupt_files(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_file(str(tmp_path / "cut.safetensors"))
+    (tmp_path / "model.onnx").write_bytes(b"\0" * 16)
     with pytest.raises(CheckpointError, match="unsupported file type"):
-        read_file(str(tmp_path / "model.gguf"))
+        read_file(str(tmp_path / "model.onnx"))

@@ -1,8 +1,102 @@
-"""The one attention entry point of the core. Tensors are [B, L, heads, head_dim]."""
+"""The one attention entry point of the core. Tensors are [B, L, heads, head_dim].
+
+Backends: "sdpa" (torch scaled_dot_product_attention, always there), "flash" (the flash-attn package:
+FA3's `flash_attn_interface` on Hopper when installed, else FA2's `flash_attn`), "sage" (the
+sageattention package: INT8 QK / FP8 PV kernels, lossy, about 1e-2 relative). "auto" (the default)
+takes flash when it is importable and supports the call (CUDA, fp16/bf16, head_dim <= 256), else sdpa;
+sage is only used when chosen by name. A named kernel that cannot run a call (CPU tensors, fp32)
+falls back to sdpa for that call. Choose with `set_backend(name)` or `attention(..., backend=name)`.
+"""
+import importlib
+import warnings
+
+import torch
 import torch.nn.functional as F
 
+BACKENDS = ("auto", "sdpa", "flash", "sage")
+_PACKAGES = {"flash": ("flash_attn_interface", "flash_attn"), "sage": ("sageattention",)}
+_INSTALL = {"flash": "pip install flash-attn", "sage": "pip install sageattention"}
+_modules = {}
+_state = {"backend": "auto"}
 
-def attention(q, k, v):
-    """Scaled dot-product attention over [B, L, H, D] inputs; returns [B, Lq, H*D]."""
+
+def _module(name):
+    """The kernel package of a backend, imported once (None when none of its packages imports)."""
+    if name not in _modules:
+        _modules[name] = None
+        for package in _PACKAGES[name]:
+            try:
+                _modules[name] = importlib.import_module(package)
+                break
+            except Exception:  # ImportError, or a broken CUDA build raising at import
+                continue
+    return _modules[name]
+
+
+def _half_cuda(q, max_dim=256):
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= max_dim
+
+
+def _sdpa(q, k, v):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2).flatten(2)
+    return out.transpose(1, 2)
+
+
+def _flash(q, k, v):
+    out = _module("flash").flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # some FA3 builds return (out, lse)
+
+
+def _sage(q, k, v):
+    return _module("sage").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
+
+
+def _flash_ok(q):
+    return _half_cuda(q) and torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+def _sage_ok(q):
+    return _half_cuda(q, max_dim=128) and torch.cuda.get_device_capability(q.device)[0] >= 8
+
+
+_KERNELS = {"sdpa": (_sdpa, lambda q: True), "flash": (_flash, _flash_ok), "sage": (_sage, _sage_ok)}
+
+
+def available_backends():
+    """Names whose kernels import here ("auto" and "sdpa" always)."""
+    return ["auto", "sdpa"] + [n for n in _PACKAGES if _module(n) is not None]
+
+
+def _check(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name in _PACKAGES and _module(name) is None:
+        raise ValueError(f"attention backend {name!r} is not installed here ({_INSTALL[name]}); "
+                         f"available: {', '.join(available_backends())}")
+    return name
+
+
+def set_backend(name):
+    """Choose the process-wide default backend; returns the previous one (to restore it)."""
+    previous, _state["backend"] = _state["backend"], _check(name)
+    return previous
+
+
+def get_backend():
+    return _state["backend"]
+
+
+def resolve(q, backend=None):
+    """The backend that will run a call on q: the named one if it supports q, else sdpa."""
+    name = _check(backend) if backend is not None else _state["backend"]
+    if name == "auto":
+        return "flash" if _module("flash") is not None and _flash_ok(q) else "sdpa"
+    if not _KERNELS[name][1](q):
+        warnings.warn(f"attention backend {name!r} cannot run {q.dtype} on {q.device.type}; using sdpa", stacklevel=3)
+        return "sdpa"
+    return name
+
+
+def attention(q, k, v, backend=None):
+    """Scaled dot-product attention over [B, L, H, D] inputs; returns [B, Lq, H*D]."""
+    return _KERNELS[resolve(q, backend)][0](q, k, v).flatten(2)

@@ -84,8 +84,10 @@ def to_comfy_audio(waveform, sample_rate):
 
 
 def trim_to_video(waveform, sample_rate, num_frames, fps=FPS):
-    """The first num_frames / fps seconds of waveform [..., N] (for the audio track of the written video)."""
-    return waveform[..., : round(num_frames * sample_rate / fps)]
+    """waveform [..., N] cut, or padded with silence, to exactly num_frames / fps seconds (the audio track of a
+    video whose last clip may run past the end of the speech)."""
+    n = round(num_frames * sample_rate / fps)
+    return torch.nn.functional.pad(waveform[..., :n], (0, max(0, n - waveform.shape[-1])))
 
 
 @functools.lru_cache(maxsize=8)

@@ -1,15 +1,23 @@
 """Read checkpoint files into official-key state dicts.
 
-Handles: single .safetensors, official sharded safetensors with an index json (the index file itself
-or its folder), .pth/.pt (read with weights_only=True), and key prefixes such as ComfyUI's
-`model.diffusion_model.`. Kinds are told apart by marker keys and shapes, never by file names.
+Handles: single .safetensors, sharded safetensors with an index json (the index file itself, any shard or
+their folder; shards without an index when all of them lie together), .pth/.pt (read with weights_only=True),
+GGUF, and key prefixes such as ComfyUI's `model.diffusion_model.`. `load_dit` / `load_vae` also turn the
+diffusers layouts into official keys and report the precision (fp8, ComfyUI scaled fp8, GGUF) so the caller
+can pick layers that compute with it (wan_core.gguf.make_ops, or ComfyUI's ops in nodes/ops.py).
+Kinds are told apart by marker keys and shapes, never by file names.
 """
+import glob
 import json
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
+
+from . import convert
+from .gguf import GGUFError, quant_summary, read_gguf
 
 # marker key (without prefix) -> what a file holding it is
 MARKERS = {
@@ -22,10 +30,14 @@ MARKERS = {
     "log_one_minus_alphas_cumprod": "Stable Diffusion checkpoint",
     "model.diffusion_model.input_blocks.0.0.weight": "Stable Diffusion checkpoint",
     "double_blocks.0.img_attn.qkv.weight": "Flux model",
+    "condition_embedder.time_proj.weight": "Wan diffusion model (diffusers layout)",
+    "decoder.conv_in.weight": "VAE (diffusers layout)",
 }
+DIT_MARKER, DIT_DIFFUSERS_MARKER = "head.modulation", "condition_embedder.time_proj.weight"
+VAE_MARKER, VAE_DIFFUSERS_MARKER = "decoder.conv1.weight", "decoder.conv_in.weight"
 
 
-SHARD_NAME = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+SHARD_NAME = re.compile(r"-\d{5}-of-(\d{5})\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -65,27 +77,56 @@ def shard_index(path):
     return None
 
 
-def read_file(path):
-    """Every tensor of a checkpoint file, keys as stored. A shard of an indexed checkpoint, the index
-    json or its folder read the whole sharded checkpoint."""
+def _sibling_shards(path):
+    """All shards `...-0000i-of-0000n.safetensors` of the checkpoint `path` belongs to (no index json needed)."""
+    m = SHARD_NAME.search(path)
+    stem, total = path[: m.start()], int(m.group(1))
+    shards = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+    missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise CheckpointError(f"'{os.path.basename(path)}' is one of {total} shards and {', '.join(missing)} "
+                              f"is missing beside it: download every shard into {os.path.dirname(path) or '.'}")
+    return shards
+
+
+def read_file(path, keep_quantized=False):
+    """Every tensor of a checkpoint file, keys as stored. A shard of a sharded checkpoint, its index json or
+    its folder read the whole checkpoint. GGUF matrices stay `GGUFWeight`s when keep_quantized."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"'{path}' does not exist")
     if SHARD_NAME.search(path):
-        path = shard_index(path) or path
+        index = shard_index(path)
+        if index is None:
+            sd = {}
+            for shard in _sibling_shards(path):
+                sd.update(_read_safetensors(shard))
+            return sd
+        path = index
     if os.path.isdir(path):
-        index = [f for f in sorted(os.listdir(path)) if f.endswith(".index.json")]
-        if not index:
+        index = sorted(glob.glob(os.path.join(path, "*.index.json")))
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        if not index and not (len(files) == 1 or files and SHARD_NAME.search(files[0])):
             raise CheckpointError(f"folder '{path}' has no *.index.json to say which shards form the model")
-        path = os.path.join(path, index[0])
+        return read_file(index[0] if index else files[0], keep_quantized)
     if path.endswith(".index.json"):
         return _read_index(path)
-    if path.endswith(".safetensors"):
+    if path.endswith((".safetensors", ".sft")):
         return _read_safetensors(path)
+    if path.endswith(".gguf"):
+        try:
+            return read_gguf(path, keep_quantized)[0]
+        except GGUFError as e:
+            raise CheckpointError(f"'{os.path.basename(path)}': {e}") from e
+        except Exception as e:  # the gguf reader raises several types for a truncated or foreign file
+            raise CheckpointError(f"cannot read '{os.path.basename(path)}' as GGUF ({e}); "
+                                  "the file is truncated or corrupt: download it again") from e
     if path.endswith((".pth", ".pt", ".ckpt", ".bin")):
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:
             raise CheckpointError(f"cannot read '{os.path.basename(path)}' as a torch checkpoint ({e})") from e
         return sd.get("state_dict", sd) if isinstance(sd, dict) else {}
-    raise CheckpointError(f"'{os.path.basename(path)}': unsupported file type (use .safetensors, .pth or an index json)")
+    raise CheckpointError(f"'{os.path.basename(path)}': unsupported file type (use .safetensors, .gguf, .pth or an index json)")
 
 
 def find_marker(sd):
@@ -123,3 +164,77 @@ def load_for(path, marker, expected, node_hint):
     if not hits:
         raise CheckpointError(f"'{os.path.basename(path)}' is not {expected}: it looks like {describe(sd)}. {node_hint}")
     return strip_prefix(sd, min(hits, key=len)[: -len(marker)])
+
+
+# ----------------------------------------------------------------------------- layouts and precisions
+
+@dataclass
+class Checkpoint:
+    """An official-key state dict and what its file was: layout ('official', 'ComfyUI', 'diffusers', 'GGUF'),
+    and for ComfyUI's scaled fp8 the fp8 dtype (`scaled_fp8`) and whether its Linears keep input scales.
+    GGUF matrices are `wan_core.gguf.GGUFWeight`s in sd."""
+    sd: dict
+    layout: str
+    scaled_fp8: torch.dtype = None
+    input_scales: bool = False
+
+    @property
+    def quantized(self):
+        return quant_summary(self.sd)
+
+    def describe(self):
+        dtypes = {}
+        for v in self.sd.values():
+            if isinstance(v, torch.Tensor):
+                dtypes[v.dtype] = dtypes.get(v.dtype, 0) + v.numel()
+        main = str(max(dtypes, key=dtypes.get)).replace("torch.", "") if dtypes else "?"
+        detail = self.quantized or (f"scaled {str(self.scaled_fp8).replace('torch.float8_', 'fp8 ')}" if self.scaled_fp8 else main)
+        return f"{self.layout} layout, {detail}"
+
+
+def _layout(sd, markers, path, expected, node_hint):
+    """(prefix, layout) from the first of `markers` ({marker: layout}) found, or a CheckpointError."""
+    for marker, layout in markers.items():
+        hits = [k for k in sd if k.endswith(marker)]
+        if hits:
+            prefix = min(hits, key=len)[: -len(marker)]
+            return prefix, ("ComfyUI" if layout == "official" and prefix else layout)
+    raise CheckpointError(f"'{os.path.basename(path)}' is not {expected}: it looks like {describe(sd)}. {node_hint}")
+
+
+def load_dit(path, weight_dtype=None):
+    """A Wan diffusion model file of any layout and precision as a `Checkpoint` with official keys.
+    weight_dtype: None keeps the file's dtypes; bf16/fp16/fp32 convert every float tensor; an fp8 dtype
+    stores the matrices in it. A scaled-fp8 file keeps its scales unless another dtype is asked for (then the
+    scales are folded into the weights). GGUF weights stay quantised whatever is asked."""
+    raw = read_file(path, keep_quantized=True)
+    prefix, layout = _layout(raw, {DIT_MARKER: "official", DIT_DIFFUSERS_MARKER: "diffusers"}, path,
+                             "a Wan diffusion model", "Put Wan diffusion models in models/diffusion_models and load "
+                             "VAEs and text encoders with their own loaders.")
+    sd = strip_prefix(raw, prefix)
+    if layout == "diffusers":
+        sd = convert.dit_from_diffusers(sd)
+    if path.endswith(".gguf"):
+        layout = "GGUF"
+    fp8, input_scales = convert.pop_scaled_fp8(sd)
+    if fp8 is not None and weight_dtype is not None and weight_dtype not in convert.FP8:
+        sd, fp8 = convert.fold_fp8_scales(sd, weight_dtype), None
+    elif fp8 is not None:
+        sd = convert.complete_fp8_scales(sd, input_scales)
+    elif weight_dtype is not None:
+        sd = convert.cast_weights(sd, weight_dtype)
+    return Checkpoint(sd, layout, fp8, input_scales and fp8 is not None)
+
+
+def load_vae(path):
+    """A Wan 2.1 / 2.2 VAE file (official, ComfyUI or diffusers layout) as a `Checkpoint` with official keys."""
+    raw = read_file(path)
+    prefix, layout = _layout(raw, {VAE_MARKER: "official", VAE_DIFFUSERS_MARKER: "diffusers"}, path,
+                             "a video VAE", "Put the Wan VAE in models/vae.")
+    sd = strip_prefix(raw, prefix)
+    if layout == "diffusers":
+        if sd[VAE_DIFFUSERS_MARKER].ndim != 5:
+            raise CheckpointError(f"'{os.path.basename(path)}' is an image VAE in diffusers layout (2D convs), "
+                                  "not the Wan video VAE (3D convs): use wan_2.1_vae / wan2.2_vae")
+        sd = convert.vae_from_diffusers(sd)
+    return Checkpoint(sd, layout)

@@ -17,8 +17,11 @@ from .dit import WanDiT
 from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
 from .tokenizer import train_smoke_spm
 from .clip import WanCLIPVision
+from .s2v import SMOKE as S2V_TINY
+from .s2v import WanS2V
 from .vae import WanVAE21
 from .vae22 import WanVAE22
+from .wav2vec2 import smoke_state_dict as wav2vec2_smoke
 
 T5_TINY = dict(dim=64, dim_ffn=128, num_heads=4, num_layers=2)
 CLIP_TINY = dict(dim=64, mlp_dim=128, num_layers=2)
@@ -120,6 +123,13 @@ def write_vaes(root):
     save_file(_state(WanVAE22(**VAE22_TINY), torch.bfloat16), os.path.join(root, "vae", "wan2.2_vae.safetensors"))
 
 
+def write_s2v(root):
+    """The S2V DiT (ComfyUI's file name) and ComfyUI's wav2vec2 audio encoder file."""
+    model = randomize_(WanS2V(**dict(S2V_TINY, text_dim=T5_TINY["dim"])), seed=20)
+    save_file(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "wan2.2_s2v_14B_bf16.safetensors"))
+    save_file(wav2vec2_smoke(seed=21), os.path.join(root, "audio_encoders", "wav2vec2_large_english_fp16.safetensors"))
+
+
 def write_clip(root):
     """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1."""
     torch.manual_seed(3)
@@ -129,15 +139,16 @@ def write_clip(root):
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v3")
+    stamp = os.path.join(root, ".smoke-v4")
     if os.path.exists(stamp) and not force:
         return root
-    for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision"):
+    for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     write_text_encoders(root)
     write_dits(root)
     write_vaes(root)
     write_clip(root)
+    write_s2v(root)
     open(stamp, "w").close()
     return root
 

@@ -1,0 +1,161 @@
+"""Speech-to-video nodes (Wan2.2-S2V-14B): the wav2vec2 audio encoder, an audio file loader, and one node that
+renders a whole talking/singing video clip by clip, returning its frames and the audio trimmed to them."""
+import itertools
+import os
+
+import torch
+
+import comfy.model_management as mm
+import folder_paths
+
+from ..wan_core.audio import (audio_buckets, clips_for, from_comfy_audio, load_audio, prepare, to_comfy_audio,
+                              trim_to_video, video_frames)
+from ..wan_core.checkpoint import read_file
+from ..wan_core.conditioning import fit, to_pixels
+from ..wan_core.pipeline import check_video_size
+from ..wan_core.s2v import WanS2V
+from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
+from ..wan_core.sampling import SAMPLERS
+from ..wan_core.wav2vec2 import Wav2Vec2
+from .common import CATEGORY, Handle, casting_ops, compute_dtype, step_callback
+from .sampler import activation_memory, to_cond
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
+
+
+class WanLeanAudioEncoderLoader:
+    DESCRIPTION = ("Loads the wav2vec2 speech encoder S2V listens with (wav2vec2-large-xlsr-53-english; HF layout, with or "
+                   "without a wav2vec2. prefix, or ComfyUI's wav2vec2_large_english file).")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("WANLEAN_AUDIO_ENCODER",)
+    RETURN_NAMES = ("audio_encoder",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"audio_encoder_name": (folder_paths.get_filename_list("audio_encoders"),
+                                                    {"tooltip": "The wav2vec2 model from models/audio_encoders."})}}
+
+    def load(self, audio_encoder_name):
+        sd = read_file(folder_paths.get_full_path_or_raise("audio_encoders", audio_encoder_name))
+        model = Wav2Vec2.from_state_dict(sd, ops=casting_ops())
+        device = mm.text_encoder_device()
+        return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32),)
+
+
+class WanLeanLoadAudio:
+    DESCRIPTION = "Reads a wav, flac or ogg file from ComfyUI's input folder (soundfile) as AUDIO."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("AUDIO",)
+    RETURN_NAMES = ("audio",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(AUDIO_EXTENSIONS)]
+        return {"required": {"audio_file": (sorted(files), {"audio_upload": True,
+                                                           "tooltip": "A speech or song file in ComfyUI's input folder."})}}
+
+    def load(self, audio_file):
+        wave, rate = load_audio(folder_paths.get_annotated_filepath(audio_file))
+        return (to_comfy_audio(wave, rate),)
+
+
+class VAEOnDevice:
+    """The VAE handle as the S2V loop wants it: encode/decode that ask ComfyUI for the device first."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def encode(self, video):
+        return self.handle.load().encode(video.to(self.handle.device, self.handle.dtype))
+
+    def decode(self, latent):
+        return self.handle.load().decode(latent.to(self.handle.device, self.handle.dtype))
+
+
+def audio_features(encoder, audio, clips_wanted):
+    """AUDIO -> (bucketed features [1, 25, C, clips*80], clips, the waveform trimmed to the video)."""
+    wave, rate = from_comfy_audio(audio)
+    speech = prepare(wave, rate)
+    frames = video_frames(speech.shape[-1])
+    clips = clips_for(frames) if clips_wanted == 0 else min(clips_wanted, clips_for(frames))
+    model = encoder.load()
+    with torch.no_grad():
+        hidden = model(speech[None].to(encoder.device)).float().cpu()
+    feats = audio_buckets(hidden, clips * CLIP_FRAMES)
+    return feats, clips, trim_to_video(wave, rate, clips * CLIP_FRAMES - DROP_FIRST)
+
+
+class WanLeanSpeechToVideo:
+    DESCRIPTION = ("Wan2.2-S2V: one image + a speech or song track -> a talking/singing video, rendered in clips of 80 "
+                   "frames that continue from the last 73 frames of the previous clip; the clip count follows the audio "
+                   "(or max_clips). Returns the frames (16 fps) and the audio trimmed to them.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE", "AUDIO")
+    RETURN_NAMES = ("frames", "audio")
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANLEAN_MODEL", {"tooltip": "The S2V model (wan2.2_s2v_14B) from Wan Load Diffusion Model."}),
+            "vae": ("WANLEAN_VAE", {"tooltip": "The Wan 2.1 VAE."}),
+            "audio_encoder": ("WANLEAN_AUDIO_ENCODER", {"tooltip": "From Wan Load Audio Encoder (wav2vec2)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode)."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features (Wan Text Encode)."}),
+            "ref_image": ("IMAGE", {"tooltip": "The person/scene to animate; scaled to cover the size and centre-cropped."}),
+            "audio": ("AUDIO", {"tooltip": "Speech or song (Wan Load Audio, or ComfyUI's Load Audio)."}),
+            "width": ("INT", {"default": 832, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
+            "height": ("INT", {"default": 480, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed (clip r uses seed + r)."}),
+            "steps": ("INT", {"default": 40, "min": 1, "max": 200, "tooltip": "Solver steps per clip (official: 40)."}),
+            "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 20.0, "step": 0.1,
+                              "tooltip": "Guidance; the negative branch also gets silent audio (official: 4.5)."}),
+            "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 30.0, "step": 0.1, "tooltip": "Timestep shift (official: 3)."}),
+            "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
+            "max_clips": ("INT", {"default": 0, "min": 0, "max": 1000,
+                                  "tooltip": "0: as many 80-frame clips as the audio needs; else at most this many."}),
+        }, "optional": {
+            "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator)."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    def generate(self, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
+                 shift, sampler, max_clips, pose_video=None, node_id=None):
+        if not isinstance(model.patcher.model, WanS2V):
+            raise ValueError(f"model is {model.patcher.model.variant_name}, not the S2V model: load wan2.2_s2v_14B")
+        check_video_size(width, height, 1, 16)
+        feats, clips, track = audio_features(audio_encoder, audio, max_clips)
+        coder = VAEOnDevice(vae)
+        with torch.no_grad():
+            ref = coder.encode(fit(to_pixels(ref_image, "ref_image"), width, height)[:, :, None])
+            pose = None
+            if pose_video is not None:
+                frames = pose_video[..., :3].permute(3, 0, 1, 2)[None].float() * 2 - 1
+                pose = pose_latents(coder, frames, width, height, clips)
+        job = S2VJob(to_cond(positive, "positive").context, to_cond(negative, "negative").context, feats, ref, pose)
+        shape = (1, 16, 20 + 19 + 1, height // 8, width // 8)
+        get = lambda: model.load(activation_memory(model.patcher.model, shape, model.dtype))  # noqa: E731
+        video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
+                             width=width, height=height, device=model.device, dtype=model.dtype,
+                             callback=self._progress(steps, clips, node_id))
+        frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+        return (frames.to(mm.intermediate_device()), to_comfy_audio(track, audio["sample_rate"]))
+
+    @staticmethod
+    def _progress(steps, clips, node_id):
+        """One bar over all clips' steps; interrupts between steps."""
+        inner, done = step_callback(steps * clips, node_id), itertools.count()
+        return lambda *_: inner(next(done))
+
+
+NODE_CLASS_MAPPINGS = {
+    "WanLeanAudioEncoderLoader": WanLeanAudioEncoderLoader,
+    "WanLeanLoadAudio": WanLeanLoadAudio,
+    "WanLeanSpeechToVideo": WanLeanSpeechToVideo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "WanLeanAudioEncoderLoader": "Wan Load Audio Encoder (wav2vec2)",
+    "WanLeanLoadAudio": "Wan Load Audio",
+    "WanLeanSpeechToVideo": "Wan Speech To Video (S2V)",
+}

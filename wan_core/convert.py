@@ -1,0 +1,282 @@
+"""Other key layouts and precisions of the Wan DiT and VAE, turned into official keys at load time.
+
+Diffusers: `WanTransformer3DModel` and `AutoencoderKLWan` (Wan 2.1 and 2.2 VAEs) name the same modules
+differently; keys are renamed module path by module path and the tensors are kept (no copy; nothing needs
+splitting or merging). The mapping follows diffusers' own conversion script (scripts/convert_wan_to_diffusers.py):
+blocks' `attn1`/`attn2` are `self_attn`/`cross_attn`, diffusers' `norm2` is the cross-attention norm the
+official code calls `norm3`, `scale_shift_table` is `modulation`, `add_k_proj`/`add_v_proj`/`norm_added_k` are
+the I2V `k_img`/`v_img`/`norm_k_img`, and the VAE's stages are regrouped (`down_blocks`/`up_blocks`).
+
+Precision: casting to a chosen weight dtype (fp8 only for matrices, the rest of the model stays as stored),
+and ComfyUI's "scaled fp8" files (a `scaled_fp8` marker tensor whose dtype is the fp8 format, per-Linear
+`scale_weight` and optional `scale_input` scalars). `write_smoke_variants` writes every layout/precision
+the tests and the server check load.
+"""
+import json
+import os
+import re
+
+import torch
+from safetensors.torch import save_file
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+# ----------------------------------------------------------------------------- DiT keys
+
+_DIT_TOP = {  # official module path -> diffusers
+    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
+    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
+    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
+    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
+    "time_projection.1": "condition_embedder.time_proj",
+    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
+    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
+    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
+    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
+    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
+    "head.head": "proj_out",
+    "head.modulation": "scale_shift_table",
+}
+_DIT_BLOCK = {  # inside blocks.N
+    "norm3": "norm2",  # the cross-attention LayerNorm: diffusers numbers norms in call order
+    "ffn.0": "ffn.net.0.proj",
+    "ffn.2": "ffn.net.2",
+    "modulation": "scale_shift_table",
+    "cross_attn.k_img": "attn2.add_k_proj",
+    "cross_attn.v_img": "attn2.add_v_proj",
+    "cross_attn.norm_k_img": "attn2.norm_added_k",
+}
+for _ours, _theirs in (("self_attn", "attn1"), ("cross_attn", "attn2")):
+    _DIT_BLOCK.update({f"{_ours}.{p}": f"{_theirs}.to_{p}" for p in "qkv"})
+    _DIT_BLOCK.update({f"{_ours}.o": f"{_theirs}.to_out.0", f"{_ours}.norm_q": f"{_theirs}.norm_q",
+                       f"{_ours}.norm_k": f"{_theirs}.norm_k"})
+_BLOCK_KEY = re.compile(r"(blocks\.\d+\.)(.+)")
+
+
+def _inverse(table):
+    return {v: k for k, v in table.items()}
+
+
+def _rename(key, table):
+    """key with its longest module-path prefix (whole dotted parts) replaced through `table`; unchanged if none."""
+    parts = key.split(".")
+    for i in range(len(parts), 0, -1):
+        head = ".".join(parts[:i])
+        if head in table:
+            return ".".join([table[head], *parts[i:]])
+    return key
+
+
+def _dit_key(key, top, block):
+    m = _BLOCK_KEY.fullmatch(key)
+    return m.group(1) + _rename(m.group(2), block) if m else _rename(key, top)
+
+
+def dit_from_diffusers(sd):
+    """`WanTransformer3DModel` keys -> official keys (same tensor objects)."""
+    top, block = _inverse(_DIT_TOP), _inverse(_DIT_BLOCK)
+    return {_dit_key(k, top, block): v for k, v in sd.items()}
+
+
+def dit_to_diffusers(sd):
+    """Official keys -> `WanTransformer3DModel` keys (for writing diffusers-layout files)."""
+    return {_dit_key(k, _DIT_TOP, _DIT_BLOCK): v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- VAE keys
+
+_RES = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+        "shortcut": "conv_shortcut"}
+_VAE_TOP = {"conv1": "quant_conv", "conv2": "post_quant_conv"}
+for _c in ("encoder", "decoder"):
+    _VAE_TOP.update({f"{_c}.conv1": f"{_c}.conv_in", f"{_c}.head.0": f"{_c}.norm_out", f"{_c}.head.2": f"{_c}.conv_out",
+                     f"{_c}.middle.0": f"{_c}.mid_block.resnets.0", f"{_c}.middle.1": f"{_c}.mid_block.attentions.0",
+                     f"{_c}.middle.2": f"{_c}.mid_block.resnets.1"})
+_RESAMPLER = ("resample.", "time_conv.")
+_UP21 = 4  # Wan 2.1 decoder stages: 3 residual blocks + 1 upsampler, numbered flat in the official keys
+_RES22 = {"encoder": 2, "decoder": 3}  # Wan 2.2 residual blocks per stage (the resampler's index)
+_OFFICIAL_STAGE = re.compile(r"(encoder|decoder)\.(?:down|up)samples\.(\d+)\.(?:(?:down|up)samples\.(\d+)\.)?(.+)")
+_DIFFUSERS_STAGE = re.compile(r"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\."
+                              r"(?:(resnets)\.(\d+)\.|(upsamplers\.0|downsampler|upsampler)\.)?(.+)")
+
+
+def _vae_key_to_diffusers(key):
+    m = _OFFICIAL_STAGE.fullmatch(key)
+    if m is None:
+        top = _rename(key, _VAE_TOP)
+        return re.sub(r"mid_block\.resnets\.(\d)\.(.+)", lambda r: f"mid_block.resnets.{r[1]}.{_rename(r[2], _RES)}", top)
+    coder, i, j, rest = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    blocks = "down_blocks" if coder == "encoder" else "up_blocks"
+    resampler = rest.startswith(_RESAMPLER)
+    if j is not None:  # Wan 2.2: stage i, layer j
+        inner = ("downsampler" if coder == "encoder" else "upsampler") if resampler else f"resnets.{j}"
+        return f"{coder}.{blocks}.{i}.{inner}.{rest if resampler else _rename(rest, _RES)}"
+    if coder == "encoder":  # Wan 2.1 encoder: flat in both layouts
+        return f"encoder.down_blocks.{i}.{rest if resampler else _rename(rest, _RES)}"
+    stage, r = divmod(i, _UP21)
+    if resampler:
+        return f"decoder.up_blocks.{stage}.upsamplers.0.{rest}"
+    return f"decoder.up_blocks.{stage}.resnets.{r}.{_rename(rest, _RES)}"
+
+
+def _vae_key_from_diffusers(key, v22):
+    m = _DIFFUSERS_STAGE.fullmatch(key)
+    if m is None:
+        top = _rename(key, _inverse(_VAE_TOP))
+        return re.sub(r"middle\.([02])\.(.+)", lambda r: f"middle.{r[1]}.{_rename(r[2], _inverse(_RES))}", top)
+    coder, i, resnets, j, sampler, rest = m.groups()
+    i = int(i)
+    samples = "downsamples" if coder == "encoder" else "upsamples"
+    inner = _rename(rest, _inverse(_RES))
+    if v22:  # stage i, layer j; the resampler follows the stage's residual blocks
+        layer = j if resnets else _RES22[coder]
+        return f"{coder}.{samples}.{i}.{samples}.{layer}.{inner if resnets else rest}"
+    if sampler == "upsamplers.0":  # Wan 2.1 decoder, flat numbering
+        return f"decoder.upsamples.{i * _UP21 + _UP21 - 1}.{rest}"
+    if resnets:
+        return f"decoder.upsamples.{i * _UP21 + int(j)}.{inner}"
+    return f"{coder}.{samples}.{i}.{rest if rest.startswith(_RESAMPLER) else inner}"
+
+
+def vae_from_diffusers(sd):
+    """`AutoencoderKLWan` keys (Wan 2.1 or 2.2 VAE) -> official keys (same tensor objects)."""
+    v22 = any(re.match(r"encoder\.down_blocks\.\d+\.resnets\.", k) for k in sd)  # 2.1's encoder stages are flat
+    return {_vae_key_from_diffusers(k, v22): v for k, v in sd.items()}
+
+
+def vae_to_diffusers(sd):
+    """Official VAE keys -> `AutoencoderKLWan` keys (for writing diffusers-layout files)."""
+    return {_vae_key_to_diffusers(k): v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------- precision
+
+def is_matrix_weight(key, value):
+    """Linear / conv weights (2D and up): what fp8 storage applies to. Modulation tables, position tables,
+    norms and biases are left alone (the model reads them in fp32)."""
+    return key.endswith(".weight") and value.ndim >= 2
+
+
+def cast_weights(sd, dtype):
+    """Floating tensors to `dtype`; for an fp8 dtype only the matrix weights. Other values (GGUF blocks) pass."""
+    def cast(key, v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and (dtype not in FP8 or is_matrix_weight(key, v)):
+            return v.to(dtype)
+        return v
+    return {k: cast(k, v) for k, v in sd.items()}
+
+
+def pop_scaled_fp8(sd):
+    """ComfyUI's scaled-fp8 marker, removed from sd: (fp8 dtype, whether ComfyUI keeps input scales) or (None, False).
+    As ComfyUI's model_detection reads it: a float32 marker means e4m3fn; a 2-element marker turns the fp8
+    matmul optimisation (and with it the input scales) off."""
+    marker = sd.pop("scaled_fp8", None)
+    if marker is None:
+        return None, False
+    return (torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype), marker.numel() != 2
+
+
+def complete_fp8_scales(sd, input_scales):
+    """The scale scalars ComfyUI's scaled_fp8_ops Linears hold, for every Linear: `scale_weight` (1 where the
+    file has none, i.e. a layer it left unquantised) and `scale_input` when input_scales (else dropped)."""
+    out = {k: v for k, v in sd.items() if input_scales or not k.endswith(".scale_input")}
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            base = key[: -len("weight")]
+            out.setdefault(base + "scale_weight", torch.ones((), dtype=torch.float32))
+            if input_scales:
+                out.setdefault(base + "scale_input", torch.ones((), dtype=torch.float32))
+    return out
+
+
+def fold_fp8_scales(sd, dtype):
+    """A scaled-fp8 state dict as plain weights in `dtype` (weight * scale_weight); scale keys removed."""
+    out = {}
+    for key, value in sd.items():
+        if key.endswith((".scale_weight", ".scale_input")):
+            continue
+        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
+        out[key] = value if scale is None else value.float() * scale.float()
+    return cast_weights(out, dtype)
+
+
+def to_scaled_fp8(sd, dtype=torch.float8_e4m3fn):
+    """ComfyUI's scaled-fp8 layout of an official state dict: Linear weights w / s in fp8 with s = max|w| / fp8 max
+    as `scale_weight`, everything else as given, plus the `scaled_fp8` marker."""
+    out = dict(sd)
+    for key, value in sd.items():
+        if key.endswith(".weight") and value.ndim == 2:
+            scale = value.float().abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
+            out[key] = (value.float() / scale).to(dtype)
+            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
+    out["scaled_fp8"] = torch.empty(0, dtype=dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- smoke variants
+
+SMOKE_DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
+SMOKE_I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
+GGUF_TYPES = ("Q8_0", "Q5_K", "Q4_K")
+DIT_VARIANTS = {  # file under diffusion_models/ -> how it is stored (all from the smoke T2V 1.3B unless named)
+    "wan2.1_t2v_1.3B_diffusers.safetensors": "diffusers keys, fp16, single file",
+    "Wan2.1-T2V-1.3B-Diffusers/transformer/diffusion_pytorch_model.safetensors.index.json":
+        "diffusers keys, fp16, folder with config.json + 2 shards + index",
+    "wan2.1_i2v_480p_14B_diffusers.safetensors": "diffusers keys of the smoke I2V model (image embedder, add_k_proj)",
+    "wan2.1_t2v_1.3B_fp8_e4m3fn.safetensors": "matrices fp8 e4m3fn, no scales",
+    "wan2.1_t2v_1.3B_fp8_e5m2.safetensors": "matrices fp8 e5m2, no scales",
+    "wan2.1_t2v_1.3B_fp8_scaled.safetensors": "ComfyUI scaled fp8 (model.diffusion_model. prefix, scaled_fp8 marker)",
+    **{f"wan2.1-t2v-1.3b-{q}.gguf": f"GGUF {q} (city96 layout)" for q in GGUF_TYPES},
+}
+VAE_VARIANTS = {  # file under vae/
+    "wan_2.1_vae_diffusers.safetensors": "Wan 2.1 VAE, AutoencoderKLWan keys, single file",
+    "Wan2.1-VAE-Diffusers/vae/diffusion_pytorch_model.safetensors": "Wan 2.1 VAE, diffusers folder with config.json",
+    "wan2.2_vae_diffusers.safetensors": "Wan 2.2 VAE, AutoencoderKLWan keys",
+}
+
+
+def _write_diffusers_folder(sd, folder, config, shards):
+    from .smoke import write_sharded
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    if shards > 1:
+        write_sharded(sd, folder, shards)
+    else:
+        save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+
+
+def _read(path):
+    from .checkpoint import read_file
+    return {k: v.contiguous() for k, v in read_file(path).items()}
+
+
+def write_smoke_variants(models_dir, force=False):
+    """Write DIT_VARIANTS / VAE_VARIANTS next to the smoke models (wan_core.smoke.write_all must have run):
+    every layout and precision the loaders read, derived from the official-layout smoke files."""
+    from .gguf import write_gguf
+    dit_dir, vae_dir = os.path.join(models_dir, "diffusion_models"), os.path.join(models_dir, "vae")
+    source = os.path.join(dit_dir, SMOKE_DIT)
+    stamp = os.path.join(models_dir, ".formats-v1")
+    if not force and os.path.exists(stamp) and os.path.getmtime(stamp) >= os.path.getmtime(source):
+        return models_dir
+    sd = _read(source)
+    save_file(dit_to_diffusers(sd), os.path.join(dit_dir, "wan2.1_t2v_1.3B_diffusers.safetensors"))
+    _write_diffusers_folder(dit_to_diffusers(sd), os.path.join(dit_dir, "Wan2.1-T2V-1.3B-Diffusers", "transformer"),
+                            {"_class_name": "WanTransformer3DModel", "num_layers": 2}, shards=2)
+    save_file(dit_to_diffusers(_read(os.path.join(dit_dir, SMOKE_I2V))),
+              os.path.join(dit_dir, "wan2.1_i2v_480p_14B_diffusers.safetensors"))
+    for name, dtype in (("e4m3fn", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
+        save_file(cast_weights(sd, dtype), os.path.join(dit_dir, f"wan2.1_t2v_1.3B_fp8_{name}.safetensors"))
+    scaled = {"model.diffusion_model." + k: v for k, v in to_scaled_fp8(sd).items()}
+    save_file(scaled, os.path.join(dit_dir, "wan2.1_t2v_1.3B_fp8_scaled.safetensors"))
+    for qtype in GGUF_TYPES:
+        write_gguf(sd, os.path.join(dit_dir, f"wan2.1-t2v-1.3b-{qtype}.gguf"), qtype)
+    vae = vae_to_diffusers(_read(os.path.join(vae_dir, "wan_2.1_vae.safetensors")))
+    save_file(vae, os.path.join(vae_dir, "wan_2.1_vae_diffusers.safetensors"))
+    _write_diffusers_folder(vae, os.path.join(vae_dir, "Wan2.1-VAE-Diffusers", "vae"),
+                            {"_class_name": "AutoencoderKLWan", "z_dim": 16}, shards=1)
+    save_file(vae_to_diffusers(_read(os.path.join(vae_dir, "wan2.2_vae.safetensors"))),
+              os.path.join(vae_dir, "wan2.2_vae_diffusers.safetensors"))
+    open(stamp, "w").close()
+    return models_dir
