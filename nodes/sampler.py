@@ -1,9 +1,12 @@
 """The sampler nodes: seeded noise -> flow-matching solver with CFG -> LATENT. One node for single
 models (Wan 2.1, TI2V-5B), one for the Wan 2.2 A14B pair of experts switched at a boundary timestep."""
+import logging
+
 import torch
 
 import comfy.model_management as mm
 
+from ..wan_core import cache
 from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
 from .common import CATEGORY, step_callback
@@ -89,8 +92,10 @@ def cfg_widget(name, default, what):
                              "tooltip": f"Classifier-free guidance scale{what}; 1 skips the negative pass."})}
 
 
-def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length):
-    """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached."""
+def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
+        cache_threshold=0.0, cache_interval=0):
+    """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached;
+    with caching on, each expert gets its own step cache and the skipped calls are logged."""
     cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
     first = models_cfgs[0][0]
     channels = first.patcher.model.out_dim
@@ -100,11 +105,15 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     for handle, *_ in models_cfgs:
         check_fit(handle, cond, shape)
     check_memory(first, shape)
-    experts = [Expert(lambda h=h: h.load(activation_memory(h.patcher.model, shape, h.dtype)), cfg, min_t)
+    use_cache = cache.enabled(cache_threshold, cache_interval)
+    experts = [Expert(lambda h=h: h.load(activation_memory(h.patcher.model, shape, h.dtype)), cfg, min_t,
+                      cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
                for h, cfg, min_t in models_cfgs]
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
                       height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,
                       callback=step_callback(steps, node_id))
+    for i, expert in enumerate(e for e in experts if e.cache is not None):
+        logging.info("Wan Lean step cache (model %d): %s", i, expert.cache.report())
     return ({"samples": latent.cpu()},)
 
 
@@ -113,6 +122,12 @@ class _Sampler:
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
     FUNCTION = "sample"
+    CACHE = {"cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.01,
+                                           "tooltip": "Step cache: reuse the last DiT residual while block 0's input "
+                                                      "changed less than this (accumulated relative L1). 0 = off."}),
+             "cache_interval": ("INT", {"default": 0, "min": 0, "max": 10,
+                                        "tooltip": "Fixed-interval cache: compute every n-th step, reuse in between "
+                                                   "(distilled / short schedules). 0 or 1 = off."})}
     CONDS = {"positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
              "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."})}
 
@@ -127,10 +142,12 @@ class WanLeanSampler(_Sampler):
             "model": ("WANLEAN_MODEL", {"tooltip": "From Wan Load Diffusion Model."}),
             **cls.CONDS,
             **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": cls.CACHE, "hidden": {"node_id": "UNIQUE_ID"}}
 
-    def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, node_id=None):
-        return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length)
+    def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+               cache_threshold=0.0, cache_interval=0, node_id=None):
+        return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
+                   cache_threshold, cache_interval)
 
 
 class WanLeanSamplerA14B(_Sampler):
@@ -150,12 +167,13 @@ class WanLeanSamplerA14B(_Sampler):
             "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
                                    "tooltip": "Switch to the low-noise expert below timestep boundary*1000 "
                                               "(official: 0.875 T2V, 0.900 I2V)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": cls.CACHE, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def sample(self, high_noise_model, low_noise_model, positive, negative, seed, steps, cfg_high_noise, cfg_low_noise,
-               shift, sampler, width, height, length, boundary, node_id=None):
+               shift, sampler, width, height, length, boundary, cache_threshold=0.0, cache_interval=0, node_id=None):
         experts = [(high_noise_model, cfg_high_noise, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]
-        return run(experts, positive, negative, node_id, seed, steps, shift, sampler, width, height, length)
+        return run(experts, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
+                   cache_threshold, cache_interval)
 
 
 NODE_CLASS_MAPPINGS = {"WanLeanSampler": WanLeanSampler, "WanLeanSamplerA14B": WanLeanSamplerA14B}

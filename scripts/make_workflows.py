@@ -115,7 +115,7 @@ def t2v(model_file, width, height, title):
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
     model = g.add("WanLeanModelLoader", [model_file, "default"])
     enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
-    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", width, height, 81],
+    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", width, height, 81, 0.0, 0],
               model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, "wan/t2v")
 
@@ -148,7 +148,7 @@ def i2v_21(model_file, width, height, steps, shift, title, flf=False):
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
-    s = g.add("WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc", width, height, 81],
+    s = g.add("WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc", width, height, 81, 0.0, 0],
               model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
     return finish(g, vae, s, 16, "wan/flf2v" if flf else "wan/i2v")
 
@@ -162,7 +162,7 @@ def a14b(kind, cfgs, shift, boundary, title):
     enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     if kind == "i2v":
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
-    s = g.add("WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc", 1280, 720, 81, boundary],
+    s = g.add("WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc", 1280, 720, 81, boundary, 0.0, 0],
               high_noise_model=(high, "model"), low_noise_model=(low, "model"),
               positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
@@ -177,7 +177,7 @@ def ti2v(with_image):
     enc, vae = text_side(g, I2V_PROMPT if with_image else PROMPT), g.add("WanLeanVAELoader", ["wan2.2_vae.safetensors"])
     if with_image:
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 704, 121))
-    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", 1280, 704, 121],
+    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", 1280, 704, 121, 0.0, 0],
               model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 24, "wan/ti2v")
 

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import attention
+from .cache import block0_signal
 
 HEAD_DIM = 128  # every official Wan model uses 128-wide heads
 
@@ -224,7 +225,8 @@ class WanDiT(nn.Module):
         e = self.time_embedding(sinusoid(t, self.freq_dim))
         return e, self.time_projection(e).unflatten(-1, (6, self.dim))
 
-    def forward(self, x, t, context, clip=None, y=None):
+    def forward(self, x, t, context, clip=None, y=None, cache=None):
+        """cache: a wan_core.cache.StepCache to reuse the blocks' residual across steps (None: always compute)."""
         dtype = x.dtype
         if y is not None:
             x = torch.cat([x, y.to(dtype)], dim=1)
@@ -246,8 +248,13 @@ class WanDiT(nn.Module):
                                  f"{self.img_emb.proj[0].normalized_shape[0]}: use the model's CLIP (clip_vision_h)")
             context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            x = block(x, e0, rope, context, context_img)
+
+        def blocks(x):
+            for block in self.blocks:
+                x = block(x, e0, rope, context, context_img)
+            return x
+
+        x = blocks(x) if cache is None else cache.run(blocks, x, block0_signal(self.blocks[0], x, e0))
         return self.unpatchify(self.head(x, e, dtype), grid)
 
     def unpatchify(self, x, grid):

@@ -74,6 +74,7 @@ class Expert:
     get: Callable[[], torch.nn.Module]
     cfg: float
     min_t: float = 0.0
+    cache: Optional[object] = None  # a wan_core.cache.StepCache, or None
 
 
 def _cat(a, b, both):
@@ -105,8 +106,9 @@ def make_denoiser(experts, cond, uncond, dtype):
         both = expert.cfg != 1.0
         xin, tin = _model_inputs(x, t, cond, both)
         ctx = torch.cat([pad_context(cond.context), pad_context(uncond.context)]) if both else pad_context(cond.context)
+        extra = {} if expert.cache is None else {"cache": expert.cache}
         v = current["model"](xin.to(dtype), tin, ctx.to(x.device, dtype),
-                             clip=_cat(cond.clip, uncond.clip, both), y=_cat(cond.y, uncond.y, both)).float()
+                             clip=_cat(cond.clip, uncond.clip, both), y=_cat(cond.y, uncond.y, both), **extra).float()
         if not both:
             return v
         c, u = v.chunk(2)
