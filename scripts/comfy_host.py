@@ -160,7 +160,8 @@ class ComfyServer:
     """A ComfyUI server subprocess on 127.0.0.1 (CPU mode); use as a context manager or call start()/stop()."""
 
     def __init__(self, models_dir=None, output_dir=None, port=None, extra_args=(), pack_dir=REPO_ROOT, log_path=None,
-                 input_dir=None):
+                 input_dir=None, host_dir=HOST_DIR):
+        self.host_dir = host_dir  # a ComfyUI folder; pack_dir None: the pack is already in its custom_nodes
         self.models_dir = models_dir
         self.input_dir = input_dir
         self.output_dir = os.path.abspath(output_dir or os.path.join(REPO_ROOT, "output"))
@@ -191,17 +192,17 @@ class ComfyServer:
         """Launch the server and wait until /object_info answers; returns self."""
         if self.proc is not None:
             return self
-        if not os.path.isfile(os.path.join(HOST_DIR, "main.py")):
-            raise ServerError(f"ComfyUI host tree missing at {HOST_DIR}: run `bash scripts/setup.sh`")
+        if not os.path.isfile(os.path.join(self.host_dir, "main.py")):
+            raise ServerError(f"ComfyUI host tree missing at {self.host_dir}: run `bash scripts/setup.sh`")
         if self.pack_dir is not None:
-            link_pack(self.pack_dir)
+            link_pack(self.pack_dir, self.host_dir)
         os.makedirs(self.output_dir, exist_ok=True)
         self.scratch = tempfile.mkdtemp(prefix="comfy-host-")
         self.log_path = self._log_arg or os.path.join(self.scratch, "server.log")
         self._final_log = None
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), cwd=HOST_DIR, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(self.command(), cwd=self.host_dir, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         atexit.register(self.stop)
         try:
@@ -342,11 +343,11 @@ class ComfyServer:
 
     def tracebacks(self):
         """Traceback blocks in the log, ignoring built-in nodes that lack optional packages (kornia, spandrel)."""
-        return parse_tracebacks(self.log_text())
+        return parse_tracebacks(self.log_text(), self.host_dir)
 
     def import_errors(self):
         """Custom-node import failures found in the log ("<path>: <error>")."""
-        return parse_import_errors(self.log_text())
+        return parse_import_errors(self.log_text(), self.host_dir)
 
 
 class _HTTPJSONError(ServerError):

@@ -21,7 +21,7 @@ OFFICIAL_FILES = {
 PACK_NODES = {"WanLeanModelLoader", "WanLeanVAELoader", "WanLeanTextEncoderLoader", "WanLeanCLIPVisionLoader",
               "WanLeanTextEncode", "WanLeanCLIPVisionEncode", "WanLeanImageToVideo", "WanLeanSampler",
               "WanLeanSamplerA14B", "WanLeanVAEDecode", "WanLeanSaveVideo", "WanLeanLoraLoader",
-              "WanLeanAudioEncoderLoader", "WanLeanLoadAudio", "WanLeanSpeechToVideo"}
+              "WanLeanAudioEncoderLoader", "WanLeanLoadAudio", "WanLeanSpeechToVideo", "WanLeanParallelSampler"}
 
 
 def test_pack_loads_without_errors(server):

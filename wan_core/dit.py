@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import parallel
 from .attention import attention
 from .cache import block0_signal
 
@@ -107,7 +108,7 @@ class SelfAttention(Attention):
     def forward(self, x, rope):
         q = apply_rope(self.split(self.norm_q(self.q(x))), rope)
         k = apply_rope(self.split(self.norm_k(self.k(x))), rope)
-        return self.o(attention(q, k, self.split(self.v(x))))
+        return self.o(parallel.self_attention(q, k, self.split(self.v(x))))
 
 
 class CrossAttention(Attention):
@@ -248,6 +249,9 @@ class WanDiT(nn.Module):
                                  f"{self.img_emb.proj[0].normalized_shape[0]}: use the model's CLIP (clip_vision_h)")
             context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
+        sp = parallel.current()  # a sequence-parallel run: this rank's tokens only (wan_core.parallel)
+        if sp is not None:
+            x, rope, e, e0 = sp.shard(x, rope, e, e0)
 
         def blocks(x):
             for block in self.blocks:
@@ -255,7 +259,8 @@ class WanDiT(nn.Module):
             return x
 
         x = blocks(x) if cache is None else cache.run(blocks, x, block0_signal(self.blocks[0], x, e0))
-        return self.unpatchify(self.head(x, e, dtype), grid)
+        x = self.head(x, e, dtype)
+        return self.unpatchify(x if sp is None else sp.gather(x), grid)
 
     def unpatchify(self, x, grid):
         """[B, f*h*w, pt*ph*pw*C] -> [B, C, f*pt, h*ph, w*pw]."""
