@@ -58,7 +58,8 @@ def test_set_backend_returns_previous_and_validates():
 @pytest.mark.parametrize("name, package", [("flash", "flash-attn"), ("sage", "sageattention")])
 def test_missing_kernel_is_a_clear_error(name, package, monkeypatch):
     monkeypatch.setitem(att._modules, name, None)  # as if not installed
-    with pytest.raises(ValueError, match=f"attention backend '{name}' is not installed here \\(pip install {package}\\)"):
+    message = f"attention backend '{name}' is not installed here \\(pip install {package}\\)"
+    with pytest.raises(ValueError, match=message):
         att.set_backend(name)
     assert name not in att.available_backends()
 

@@ -40,7 +40,8 @@ def latent(shape, seed=0):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("size, tile, overlap", [(60, 32, 4), (48, 24, 4), (37, 16, 3), (16, 16, 4), (10, 32, 8), (61, 20, 0)])
+@pytest.mark.parametrize("size, tile, overlap",
+                         [(60, 32, 4), (48, 24, 4), (37, 16, 3), (16, 16, 4), (10, 32, 8), (61, 20, 0)])
 def test_starts_cover_with_overlap(size, tile, overlap):
     starts = _starts(size, tile, overlap)
     assert starts[0] == 0 and starts[-1] == max(size - tile, 0)
@@ -140,7 +141,8 @@ def test_decode_dispatch_and_errors(monkeypatch):
     assert len(vae.calls) > 1 and (out - vae.decode(z)).abs().max() < 1e-6
     with pytest.raises(ValueError, match="tile must be 'auto', None or a size in latents"):
         decode(vae, z, "big")
-    with pytest.raises(ValueError, match=r"overlap 8 needs tiles wider than twice it, got tile \(16, 16\); use overlap <= 7"):
+    with pytest.raises(ValueError, match=r"overlap 8 needs tiles wider than twice it, got tile \(16, 16\); "
+                                         r"use overlap <= 7"):
         tiled_decode(vae, z, 16, 8)
     with pytest.raises(ValueError, match=r"expected a latent \[B,C,t,h,w\]"):
         tiled_decode(vae, z[0], 16, 4)

@@ -16,9 +16,10 @@ import os
 
 import torch
 
-# Working memory of the Wan 2.1 decoder (dim 96) per output pixel of one chunk (4 frames), in elements
-# of the compute dtype: ~4.7 live tensors of 96 channels x 4 frames in the last stage. Measured on CPU
-# (peak RSS over the loaded model), see bench/README.md; pass your own for other VAEs.
+# Working memory of the Wan 2.1 decoder (dim 96) per output pixel of one chunk (4 frames), in elements of
+# the compute dtype: ~4.7 live tensors of 96 channels x 4 frames in the last stage. Measured here as peak RSS
+# over the loaded model (fp32, CPU): 1,400 elements per pixel at 480x832, 2,700 at 128x128; pass your own
+# for other VAEs (the 2.2 decoder is 256 wide: about 2.7x this per pixel of its 16x-upscaled output).
 WAN21_DECODE_ELEMS_PER_PIXEL = 1800
 
 
@@ -36,7 +37,8 @@ def _ramp(length, rise, fall):
     if rise:
         w[:rise] = (torch.arange(rise, dtype=torch.float64) + 0.5) / rise
     if fall:
-        w[length - fall:] = torch.minimum(w[length - fall:], (torch.arange(fall, 0, -1, dtype=torch.float64) - 0.5) / fall)
+        down = (torch.arange(fall, 0, -1, dtype=torch.float64) - 0.5) / fall
+        w[length - fall:] = torch.minimum(w[length - fall:], down)
     return w
 
 
@@ -96,13 +98,16 @@ def _tile_weight(tiles, i, size, s, tile):
 
 
 def decode_bytes(h, w, t, tile=None, scale=8, elems_per_pixel=WAN21_DECODE_ELEMS_PER_PIXEL, itemsize=4):
-    """Estimated peak bytes of decoding a t x h x w latent: the output, plus per tile its working set and
-    its result held twice (chunks and their concatenation). tile None: untiled (the output held twice)."""
+    """Estimated peak bytes of decoding a t x h x w latent. Untiled (tile None): the working set of one chunk
+    and the output held twice (the decoded chunks and their concatenation); tiled: the output, plus for one
+    tile its working set and its result held twice."""
     frames = 1 + 4 * (t - 1)
     th, tw = (h, w) if tile is None else (min(tile[0], h), min(tile[1], w))
     tile_px = th * tw * scale * scale
-    out = 3 * frames * h * w * scale * scale * itemsize
-    return out + 2 * 3 * frames * tile_px * itemsize + elems_per_pixel * tile_px * itemsize
+    work = elems_per_pixel * tile_px * itemsize
+    if tile is None:
+        return 2 * 3 * frames * tile_px * itemsize + work
+    return 3 * frames * h * w * scale * scale * itemsize + 2 * 3 * frames * tile_px * itemsize + work
 
 
 def auto_tile(latent_shape, free_bytes, dtype=torch.float32, overlap=8, scale=8,
