@@ -332,17 +332,12 @@ def _s2v(nodes):
             motion_latent=r(1, 16, 19, 8, 8), pose_latent=r(1, 16, 2, 8, 8))
 
 
-DIT_MODULATION = pytest.mark.xfail(strict=True, reason=(
-    "wan_core/dit.py Block.forward / Head.forward use `self.modulation.float()`: a partial load never moves these "
-    "parameters (ModelPatcher skips modules with children), so on a GPU this mixes devices; cast with .to(e)"))
 _G = torch.Generator().manual_seed(2)
 CASES = {"text encoder": _text, "clip vision": _clip, "vae 2.1": _vae("wan_2.1_vae.safetensors"),
-         "vae 2.2": _vae("wan2.2_vae.safetensors"), "dit t2v": pytest.param(_dit(T2V), marks=DIT_MODULATION),
-         "dit i2v": pytest.param(_dit(I2V, wanlean_y=torch.randn(1, 20, 2, 4, 4, generator=_G),
-                                      wanlean_clip=torch.randn(1, 257, 64, generator=_G)), marks=DIT_MODULATION),
-         "s2v": pytest.param(_s2v, marks=pytest.mark.xfail(strict=True, reason=(
-             "wan_core/s2v.py: the audio encoder's `weights` and `padding_tokens` (.float(), no .to(x)) and the "
-             "DiT modulation stay on the offload device in a partial load")))}
+         "vae 2.2": _vae("wan2.2_vae.safetensors"), "dit t2v": _dit(T2V),
+         "dit i2v": _dit(I2V, wanlean_y=torch.randn(1, 20, 2, 4, 4, generator=_G),
+                         wanlean_clip=torch.randn(1, 257, 64, generator=_G)),
+         "s2v": _s2v}
 
 
 def offload_check(fake_gpu):

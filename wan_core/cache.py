@@ -53,5 +53,5 @@ def enabled(threshold, interval):
 
 def block0_signal(block, x, e0):
     """Block 0's modulated input LN(x) * (1 + scale1) + shift1, the quantity the skip decision watches."""
-    shift, scale = (block.modulation.float()[:, None] + e0).unbind(2)[:2]
+    shift, scale = (block.modulation.to(e0)[:, None] + e0).unbind(2)[:2]
     return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=block.eps) * (1 + scale) + shift

@@ -159,7 +159,7 @@ class Block(nn.Module):
         """x [B, L, dim] fp32 residual stream (as the official code keeps it); e [B, Lt, 6, dim] fp32
         (Lt = 1, or L for per-token timesteps, or len(segments): see `modulate`); context [B, 512, dim]
         (+ CLIP tokens) in the compute dtype."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.float()[:, None] + e).unbind(2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.to(e)[:, None] + e).unbind(2)
         dt = context.dtype
         h = modulate(layer_norm_f32(x, self.eps), 1 + scale1, shift1, segments)
         x = x + modulate(self.self_attn(h.to(dt), rope).float(), gate1, None, segments)
@@ -177,7 +177,7 @@ class Head(nn.Module):
 
     def forward(self, x, e, dtype):
         """x [B, L, dim] fp32; e [B, Lt, dim] fp32 time embedding; the projection runs in `dtype`."""
-        shift, scale = (self.modulation.float()[:, None] + e[:, :, None]).unbind(2)
+        shift, scale = (self.modulation.to(e)[:, None] + e[:, :, None]).unbind(2)
         return self.head((layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(dtype))
 
 

@@ -115,12 +115,12 @@ class AudioEncoder(nn.Module):
 
     def forward(self, features):
         """features [B, layers, C, T] -> local [B, T/4, tokens + 1, dim], global [B, T/4, dim] (fp32)."""
-        w = F.silu(self.weights.float())
+        w = F.silu(self.weights.to(features.device, torch.float32))  # (a partial load may leave it offloaded)
         x = ((features.float() * w) / w.sum(dim=1, keepdim=True)).sum(dim=1)
         b, enc = x.shape[0], self.encoder
         local = self._tail(enc.conv1_local(x).unflatten(1, (self.tokens, -1)).flatten(0, 1))
         local = local.unflatten(0, (b, self.tokens)).transpose(1, 2)
-        pad = enc.padding_tokens.float().expand(b, local.shape[1], 1, -1)
+        pad = enc.padding_tokens.to(local.device, torch.float32).expand(b, local.shape[1], 1, -1)
         return torch.cat([local, pad], dim=2), enc.final_linear(self._tail(enc.conv1_global(x))).float()
 
 
