@@ -1,10 +1,15 @@
 """VAE decode: a normalised Wan latent -> IMAGE frames [T, H, W, 3] in [0, 1]."""
+import logging
+
 import torch
 
 import comfy.model_management as mm
 import comfy.utils
 
+from ..wan_core.tiling import decode_retrying, free_memory
 from .common import CATEGORY
+
+TILINGS = ["auto", "off", "64", "48", "32", "24"]
 
 
 def decode_memory(shape, dtype, stride=8):
@@ -18,7 +23,9 @@ def decode_memory(shape, dtype, stride=8):
 
 
 class WanLeanVAEDecode:
-    DESCRIPTION = "Decodes a Wan video latent into frames, one latent frame at a time with the causal frame cache."
+    DESCRIPTION = ("Decodes a Wan video latent into frames, one latent frame at a time with the causal frame cache; "
+                   "large videos are decoded in spatial tiles blended over their overlap (chosen from free memory, or "
+                   "by hand); an out-of-memory decode is retried once with smaller tiles.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("frames",)
@@ -29,9 +36,13 @@ class WanLeanVAEDecode:
         return {"required": {
             "vae": ("WANLEAN_VAE", {"tooltip": "From Wan Load VAE."}),
             "latent": ("LATENT", {"tooltip": "The video latent from Wan Sampler."}),
+        }, "optional": {
+            "tiling": (TILINGS, {"default": "auto", "tooltip": "Spatial tiles in latent pixels (8 or 16 image pixels "
+                                 "each), blended over 8 latents of overlap: auto = only when the untiled decode would "
+                                 "not fit in free memory; off = never (an out-of-memory is still retried tiled)."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
-    def decode(self, vae, latent, node_id=None):
+    def decode(self, vae, latent, tiling="auto", node_id=None):
         z = latent["samples"]
         if z.ndim != 5 or z.shape[1] != vae.patcher.model.z_dim:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE ({vae.patcher.model.z_dim} channels): "
@@ -44,8 +55,14 @@ class WanLeanVAEDecode:
             mm.throw_exception_if_processing_interrupted()
             bar.update_absolute(done, total)
 
+        def on_oom(message):
+            logging.warning("Wan Lean: %s", message)
+            mm.soft_empty_cache()
+
+        tile = {"auto": "auto", "off": None}.get(tiling) or int(tiling)
+        z = z.to(vae.device, vae.dtype)
         with torch.no_grad():
-            video = model.decode(z.to(vae.device, vae.dtype), progress=progress)
+            video = decode_retrying(model, z, tile, 8, progress, on_oom, free_memory(z.device) if tile == "auto" else None)
         frames = (video.float().clamp(-1, 1) + 1) / 2  # [B, 3, T, H, W]
         return (frames.permute(0, 2, 3, 4, 1).flatten(0, 1).to(mm.intermediate_device()),)
 

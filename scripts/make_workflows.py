@@ -96,7 +96,7 @@ def text_side(g, prompt):
 
 
 def finish(g, vae, latent, fps, prefix):
-    frames = g.add("WanLeanVAEDecode", [], vae=(vae, "vae"), latent=(latent, "latent"))
+    frames = g.add("WanLeanVAEDecode", ["auto"], vae=(vae, "vae"), latent=(latent, "latent"))
     g.add("WanLeanSaveVideo", [fps, prefix, 19], frames=(frames, "frames"))
     return g.workflow()
 

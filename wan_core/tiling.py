@@ -154,3 +154,22 @@ def decode(vae, z, tile="auto", overlap=8, free_bytes=None, progress=None):
     if tile is None:
         return vae.decode(z, progress=progress)
     return tiled_decode(vae, z, tile, overlap, progress)
+
+
+def decode_retrying(vae, z, tile="auto", overlap=8, progress=None, on_oom=None, free_bytes=None):
+    """`decode`, and on an out-of-memory error once more with tiles half as large (32 latents when it was untiled),
+    after calling on_oom(message) so the caller can free caches and tell the user. A second failure propagates."""
+    if tile == "auto":
+        free = free_memory(z.device) if free_bytes is None else free_bytes
+        tile = auto_tile(tuple(z.shape), free, z.dtype, overlap)
+    try:
+        return decode(vae, z, tile, overlap, progress=progress)
+    except torch.OutOfMemoryError:
+        h, w = z.shape[-2:]
+        floor = 2 * overlap + 8
+        size = (32, 32) if tile is None else tuple(tile) if isinstance(tile, (tuple, list)) else (tile, tile)
+        smaller = tuple(min(dim, max(floor, s // 2)) for s, dim in zip(size, (h, w)))
+        if on_oom:
+            on_oom(f"VAE decode ran out of memory with tiles {tile or 'off'}; retrying once with {smaller[0]}x{smaller[1]}"
+                   f" latent tiles (overlap {overlap})")
+        return decode(vae, z, smaller, overlap, progress=progress)
