@@ -100,3 +100,17 @@ def resolve(q, backend=None):
 def attention(q, k, v, backend=None):
     """Scaled dot-product attention over [B, L, H, D] inputs; returns [B, Lq, H*D]."""
     return _KERNELS[resolve(q, backend)][0](q, k, v).flatten(2)
+
+
+class ProjectedAttention(torch.nn.Module):
+    """Self-attention with separate biased q/k/v/out projections under the HF names (q_proj, k_proj, v_proj,
+    out_proj): the CLIP vision tower and wav2vec2 use it. x [B, L, dim] -> [B, L, dim]."""
+
+    def __init__(self, dim, heads, ops):
+        super().__init__()
+        self.heads = heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (ops.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x):
+        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v))

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import ProjectedAttention
 from .checkpoint import describe
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -69,15 +69,7 @@ def _norm(layer, x):
     return layer(x.float()).type_as(x)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, heads, ops):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (ops.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v))
+Attention = ProjectedAttention  # q_proj/k_proj/v_proj/out_proj, shared with wav2vec2
 
 
 class MLP(nn.Module):

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import attention
+from .attention import ProjectedAttention
 from .checkpoint import describe
 from .clip import _norm as norm_f32
 
@@ -102,15 +102,7 @@ class PositionalConvEmbedding(nn.Module):
         return F.gelu(self.conv(x.transpose(1, 2))).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, dim, heads, ops):
-        super().__init__()
-        self.heads = heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (ops.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        q, k, v = (p(x).unflatten(-1, (self.heads, -1)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v))
+Attention = ProjectedAttention  # q_proj/k_proj/v_proj/out_proj, shared with the CLIP tower
 
 
 class FeedForward(nn.Module):
