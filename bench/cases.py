@@ -45,8 +45,13 @@ def dit_model(cfg, impl, cache, i2v=False):
     key = ("dit", "ours" if impl == "ours" else "native", i2v)
     if key not in cache:
         dev, dt, kw = cfg["device"], cfg["dtype"], _dit_kwargs(cfg, i2v)
-        if impl == "ours":
-            cache[key] = build(lambda: WanDiT(**kw, clip_dim=1280 if i2v else None), dev, dt)
+        if impl == "ours":  # below fp32 with ComfyUI's casting ops, as the pack's loader runs it
+            ops = None
+            if dt != torch.float32:
+                import_comfy(dev)
+                import comfy.ops
+                ops = comfy.ops.manual_cast
+            cache[key] = build(lambda: WanDiT(**kw, clip_dim=1280 if i2v else None, ops=ops), dev, dt)
         else:
             comfy = import_comfy(dev)
             import comfy.ops

@@ -45,7 +45,10 @@ class Handle:
         return self.patcher.load_device
 
     def load(self, memory_required=0):
-        """Ask ComfyUI's memory manager for the device (it may unload others or load us partially)."""
+        """Ask ComfyUI's memory manager for the device: `memory_required` is the call's activation estimate (bytes);
+        ComfyUI adds the weights (the patcher's size, in the storage dtype), unloads other models to make room and
+        loads this one partially, streaming the rest through the casting ops, when the device is still too small.
+        Only this model is asked for, so models used one after the other (A14B experts) take turns."""
         mm.load_models_gpu([self.patcher], memory_required=memory_required)
         return self.patcher.model
 

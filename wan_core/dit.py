@@ -27,8 +27,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        y = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return y.type_as(x) * self.weight.to(x)
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
+        return y.type_as(x).mul_(self.weight.to(x))
 
 
 def layer_norm_f32(x, eps=1e-6):
@@ -80,15 +81,21 @@ def modulate(h, scale, shift=None, segments=None):
         parts = h.split(list(segments), dim=1)
         return torch.cat([modulate(p, scale[:, i:i + 1], None if shift is None else shift[:, i:i + 1])
                           for i, p in enumerate(parts)], dim=1)
-    return h * scale if shift is None else h * scale + shift
+    return h * scale if shift is None else torch.addcmul(shift, h, scale)
+
+
+def gated_residual(x, y, gate, segments=None):
+    """x + y * gate in fp32 (y in any dtype, promoted inside the one fused op); segments as in `modulate`."""
+    if segments is not None:
+        return x + modulate(y.float(), gate, None, segments)
+    return torch.addcmul(x, y, gate)
 
 
 def apply_rope(x, rope):
-    """Rotate adjacent pairs of x [B, L, H, D] by the table (cos, sin) [L, D/2]; math in fp32."""
-    cos, sin = (r[None, :, None, :] for r in rope)
-    xf = x.float().unflatten(-1, (-1, 2))
-    a, b = xf[..., 0], xf[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate adjacent pairs of x [B, L, H, D] by the table (cos, sin) [L, D/2]: one complex multiply in fp32."""
+    freqs = torch.complex(*rope)[None, :, None, :]
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -162,10 +169,10 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.to(e)[:, None] + e).unbind(2)
         dt = context.dtype
         h = modulate(layer_norm_f32(x, self.eps), 1 + scale1, shift1, segments)
-        x = x + modulate(self.self_attn(h.to(dt), rope).float(), gate1, None, segments)
-        x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img).float()
+        x = gated_residual(x, self.self_attn(h.to(dt), rope), gate1, segments)
+        x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img)  # promoted to fp32
         h = modulate(layer_norm_f32(x, self.eps), 1 + scale2, shift2, segments)
-        return x + modulate(self.ffn(h.to(dt)).float(), gate2, None, segments)
+        return gated_residual(x, self.ffn(h.to(dt)), gate2, segments)
 
 
 class Head(nn.Module):
@@ -178,7 +185,7 @@ class Head(nn.Module):
     def forward(self, x, e, dtype):
         """x [B, L, dim] fp32; e [B, Lt, dim] fp32 time embedding; the projection runs in `dtype`."""
         shift, scale = (self.modulation.to(e)[:, None] + e[:, :, None]).unbind(2)
-        return self.head((layer_norm_f32(x, self.eps) * (1 + scale) + shift).to(dtype))
+        return self.head(torch.addcmul(shift, layer_norm_f32(x, self.eps), 1 + scale).to(dtype))
 
 
 class WanDiT(nn.Module):
@@ -237,7 +244,7 @@ class WanDiT(nn.Module):
                                 else "the latent comes from another model family"))
         x = self.patch_embedding(x)
         grid = x.shape[2:]
-        x = x.flatten(2).transpose(1, 2).float()
+        x = x.flatten(2).transpose(1, 2).to(torch.float32, copy=True, memory_format=torch.contiguous_format)
         e, e0 = self.embed_time(t)
         context = self.embed_text(context.to(dtype))
         context_img = None

@@ -16,11 +16,10 @@ import os
 
 import torch
 
-# Working memory of the Wan 2.1 decoder (dim 96) per output pixel of one chunk (4 frames), in elements of
-# the compute dtype: ~4.7 live tensors of 96 channels x 4 frames in the last stage. Measured here as peak RSS
-# over the loaded model (fp32, CPU): 1,400 elements per pixel at 480x832, 2,700 at 128x128; pass your own
-# for other VAEs (the 2.2 decoder is 256 wide: about 2.7x this per pixel of its 16x-upscaled output).
-WAN21_DECODE_ELEMS_PER_PIXEL = 1800
+# Working memory of the decoder per output pixel while it decodes one latent frame (4 pixel frames), in
+# values of the compute dtype. Measured as peak RSS above the loaded model (fp32, CPU, glibc told to unmap
+# freed blocks at once): 5,600 for the Wan 2.1 VAE, 5,200 for Wan 2.2's (per pixel of its 16x output).
+WAN21_DECODE_ELEMS_PER_PIXEL = 5600
 
 
 def _starts(size, tile, overlap):
@@ -150,7 +149,7 @@ def decode(vae, z, tile="auto", overlap=8, free_bytes=None, progress=None):
         if tile != "auto":
             raise ValueError(f"tile must be 'auto', None or a size in latents like (32, 32), got {tile!r}")
         free = free_memory(z.device) if free_bytes is None else free_bytes
-        tile = auto_tile(tuple(z.shape), free, z.dtype, overlap)
+        tile = auto_tile(tuple(z.shape), free, z.dtype, overlap, scale=getattr(vae, "STRIDE", 8))
     if tile is None:
         return vae.decode(z, progress=progress)
     return tiled_decode(vae, z, tile, overlap, progress)
@@ -161,7 +160,7 @@ def decode_retrying(vae, z, tile="auto", overlap=8, progress=None, on_oom=None, 
     after calling on_oom(message) so the caller can free caches and tell the user. A second failure propagates."""
     if tile == "auto":
         free = free_memory(z.device) if free_bytes is None else free_bytes
-        tile = auto_tile(tuple(z.shape), free, z.dtype, overlap)
+        tile = auto_tile(tuple(z.shape), free, z.dtype, overlap, scale=getattr(vae, "STRIDE", 8))
     try:
         return decode(vae, z, tile, overlap, progress=progress)
     except torch.OutOfMemoryError:

@@ -77,27 +77,24 @@ def _tail(x, prev):
     return tail
 
 
-def _causal(conv, x, ctx=None):
-    """Conv3d with 'same' spatial zero padding and kt-1 frames of left context: ctx frames, then zeros."""
-    kt, kh, kw = conv.kernel_size
-    if ctx is not None:
-        x = torch.cat([ctx.to(x), x], dim=2)
-        left = max(kt - 1 - ctx.shape[2], 0)
-    else:
-        left = kt - 1
-    return conv(F.pad(x, (kw // 2, kw // 2, kh // 2, kh // 2, left, 0)))
-
-
 def _cached_conv(conv, x, cache):
-    """Causal conv whose left context is the previous chunk's last frames (zeros before the first chunk)."""
+    """Causal conv: kt-1 frames of left context (the previous chunk's last frames, zeros before the first chunk)
+    joined to x in one copy; the 'same' spatial zero padding is the conv's own (`_conv3d`), so nothing else is
+    copied, and the old context is dropped before the conv runs."""
     prev = cache.get()
     cache.put(_tail(x, prev))
-    return _causal(conv, x, prev)
+    left = conv.kernel_size[0] - 1 - (0 if prev is None else prev.shape[2])
+    parts = ([x.new_zeros(*x.shape[:2], left, *x.shape[3:])] if left > 0 else []) + ([] if prev is None else [prev.to(x)])
+    if parts:
+        x = torch.cat(parts + [x], dim=2)
+    del parts, prev
+    return conv(x)
 
 
 def _conv3d(ops, cin, cout, k, stride=1):
-    """Unpadded Conv3d; the causal padding is applied by `_causal`."""
-    return ops.Conv3d(cin, cout, k, stride=stride)
+    """Conv3d with 'same' spatial zero padding and none in time; `_cached_conv` adds the causal time context."""
+    _, kh, kw = (k, k, k) if isinstance(k, int) else k
+    return ops.Conv3d(cin, cout, k, stride=stride, padding=(0, kh // 2, kw // 2))
 
 
 def _per_frame(fn, x):
