@@ -238,3 +238,16 @@ def load_vae(path):
                                   "not the Wan video VAE (3D convs): use wan_2.1_vae / wan2.2_vae")
         sd = convert.vae_from_diffusers(sd)
     return Checkpoint(sd, layout)
+
+
+def assign_weights(model, sd, ops, what, hint):
+    """Load `sd` into a meta-device `model` by assignment (no copy): every key the model has must be there
+    (ValueError naming up to 5 missing, `what` and `hint` otherwise); extras are ignored. Without casting ops
+    (ops None: plain torch.nn) the tensors become float32. Returns the model in eval mode, no grads."""
+    wanted = model.state_dict().keys()
+    missing = [k for k in wanted if k not in sd]
+    if missing:
+        more = " ..." if len(missing) > 5 else ""
+        raise ValueError(f"incomplete {what} state dict: missing {missing[:5]}{more}; {hint}")
+    model.load_state_dict({k: sd[k] if ops is not None else sd[k].float() for k in wanted}, strict=True, assign=True)
+    return model.eval().requires_grad_(False)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ProjectedAttention
+from .checkpoint import assign_weights
 from .checkpoint import describe
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -153,14 +154,7 @@ class WanCLIPVision(nn.Module):
         config = infer_config(sd)
         with torch.device("meta"):
             model = cls(**config, heads=heads or HEADS, ops=ops)
-        wanted = model.state_dict().keys()
-        missing = [k for k in wanted if k not in sd]
-        if missing:
-            more = " ..." if len(missing) > 5 else ""
-            raise ValueError(f"incomplete CLIP vision state dict: missing {missing[:5]}{more}; {FILES}")
-        sd = {k: sd[k] if ops is not None else sd[k].float() for k in wanted}
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        return assign_weights(model, sd, ops, "CLIP vision", FILES)
 
 
 # ---------------------------------------------------------------- state dict layouts

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ProjectedAttention
+from .checkpoint import assign_weights
 from .checkpoint import describe
 from .clip import _norm as norm_f32
 
@@ -189,14 +190,7 @@ class Wav2Vec2(nn.Module):
         config = infer_config(sd)
         with torch.device("meta"):
             model = cls(**config, heads=heads, ops=ops)
-        wanted = model.state_dict().keys()
-        missing = [k for k in wanted if k not in sd]
-        if missing:
-            more = " ..." if len(missing) > 5 else ""
-            raise ValueError(f"incomplete wav2vec2 state dict: missing {missing[:5]}{more}; {FILES}")
-        sd = {k: sd[k] if ops is not None else sd[k].float() for k in wanted}
-        model.load_state_dict(sd, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        return assign_weights(model, sd, ops, "wav2vec2", FILES)
 
 
 # ---------------------------------------------------------------- state dict layouts
