@@ -23,7 +23,7 @@ FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 # ----------------------------------------------------------------------------- DiT keys
 
-_DIT_TOP = {  # official module path -> diffusers
+DIT_TOP = {  # official module path -> diffusers
     "text_embedding.0": "condition_embedder.text_embedder.linear_1",
     "text_embedding.2": "condition_embedder.text_embedder.linear_2",
     "time_embedding.0": "condition_embedder.time_embedder.linear_1",
@@ -37,7 +37,7 @@ _DIT_TOP = {  # official module path -> diffusers
     "head.head": "proj_out",
     "head.modulation": "scale_shift_table",
 }
-_DIT_BLOCK = {  # inside blocks.N
+DIT_BLOCK = {  # inside blocks.N
     "norm3": "norm2",  # the cross-attention LayerNorm: diffusers numbers norms in call order
     "ffn.0": "ffn.net.0.proj",
     "ffn.2": "ffn.net.2",
@@ -47,8 +47,8 @@ _DIT_BLOCK = {  # inside blocks.N
     "cross_attn.norm_k_img": "attn2.norm_added_k",
 }
 for _ours, _theirs in (("self_attn", "attn1"), ("cross_attn", "attn2")):
-    _DIT_BLOCK.update({f"{_ours}.{p}": f"{_theirs}.to_{p}" for p in "qkv"})
-    _DIT_BLOCK.update({f"{_ours}.o": f"{_theirs}.to_out.0", f"{_ours}.norm_q": f"{_theirs}.norm_q",
+    DIT_BLOCK.update({f"{_ours}.{p}": f"{_theirs}.to_{p}" for p in "qkv"})
+    DIT_BLOCK.update({f"{_ours}.o": f"{_theirs}.to_out.0", f"{_ours}.norm_q": f"{_theirs}.norm_q",
                        f"{_ours}.norm_k": f"{_theirs}.norm_k"})
 _BLOCK_KEY = re.compile(r"(blocks\.\d+\.)(.+)")
 
@@ -74,13 +74,13 @@ def _dit_key(key, top, block):
 
 def dit_from_diffusers(sd):
     """`WanTransformer3DModel` keys -> official keys (same tensor objects)."""
-    top, block = _inverse(_DIT_TOP), _inverse(_DIT_BLOCK)
+    top, block = _inverse(DIT_TOP), _inverse(DIT_BLOCK)
     return {_dit_key(k, top, block): v for k, v in sd.items()}
 
 
 def dit_to_diffusers(sd):
     """Official keys -> `WanTransformer3DModel` keys (for writing diffusers-layout files)."""
-    return {_dit_key(k, _DIT_TOP, _DIT_BLOCK): v for k, v in sd.items()}
+    return {_dit_key(k, DIT_TOP, DIT_BLOCK): v for k, v in sd.items()}
 
 
 # ----------------------------------------------------------------------------- VAE keys

@@ -22,27 +22,11 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
-_ATTN = {"q": "to_q", "k": "to_k", "v": "to_v", "o": "to_out.0", "norm_q": "norm_q", "norm_k": "norm_k"}
+from .convert import DIT_BLOCK, DIT_TOP
+
 # official module name -> diffusers (WanTransformer3DModel) name, inside `blocks.N.` and at the top level
-DIFFUSERS_BLOCK = {f"{ours}.{o}": f"{theirs}.{d}" for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-                   for o, d in _ATTN.items()}
-DIFFUSERS_BLOCK.update({"cross_attn.k_img": "attn2.add_k_proj", "cross_attn.v_img": "attn2.add_v_proj",
-                        "cross_attn.norm_k_img": "attn2.norm_added_k", "ffn.0": "ffn.net.0.proj", "ffn.2": "ffn.net.2",
-                        "norm3": "norm2", "modulation": "scale_shift_table"})
-DIFFUSERS_TOP = {
-    "patch_embedding": "patch_embedding",
-    "text_embedding.0": "condition_embedder.text_embedder.linear_1",
-    "text_embedding.2": "condition_embedder.text_embedder.linear_2",
-    "time_embedding.0": "condition_embedder.time_embedder.linear_1",
-    "time_embedding.2": "condition_embedder.time_embedder.linear_2",
-    "time_projection.1": "condition_embedder.time_proj",
-    "head.head": "proj_out", "head.modulation": "scale_shift_table",
-    "img_emb.proj.0": "condition_embedder.image_embedder.norm1",
-    "img_emb.proj.1": "condition_embedder.image_embedder.ff.net.0.proj",
-    "img_emb.proj.3": "condition_embedder.image_embedder.ff.net.2",
-    "img_emb.proj.4": "condition_embedder.image_embedder.norm2",
-    "img_emb.emb_pos": "condition_embedder.image_embedder.pos_embed",
-}
+DIFFUSERS_BLOCK = DIT_BLOCK
+DIFFUSERS_TOP = {"patch_embedding": "patch_embedding", **DIT_TOP}
 # key suffix -> what the tensor is; "up"/"down" are the factors (B/A), diff/diff_b full deltas of weight/bias
 SUFFIXES = {".lora_up.weight": "up", ".lora_down.weight": "down", ".lora_B.weight": "up", ".lora_A.weight": "down",
             ".lora.up.weight": "up", ".lora.down.weight": "down",
