@@ -6,7 +6,9 @@ import torch
 import folder_paths
 import comfy.model_management as mm
 
+from ..wan_core import attention as attention_backends
 from ..wan_core.checkpoint import load_dit, load_vae, read_file
+from ..wan_core.compile import MODES as COMPILE_MODES, compile_blocks
 from ..wan_core.dit import WanDiT
 from ..wan_core.s2v import WanS2V, is_s2v_state_dict
 from ..wan_core.t5 import UMT5Encoder
@@ -52,17 +54,44 @@ class WanLeanModelLoader:
             "weight_dtype": (list(DIT_WEIGHT_DTYPES), {"default": "default",
                              "tooltip": "Dtype the weights are kept in; 'default' keeps the file's dtype (fp8, scaled "
                                         "fp8 and GGUF stay as stored). fp8 stores the matrices in 8 bits."}),
+        }, "optional": {
+            "attention": (list(attention_backends.BACKENDS), {"default": "auto",
+                          "tooltip": "Attention kernel of this model. auto: flash-attn where installed and the GPU "
+                                     "and dtype suit it, else PyTorch SDPA; flash / sage: that package (sage is "
+                                     "lossy, ~1e-2), SDPA for calls it cannot run; sdpa: PyTorch only."}),
+            "compile": (list(COMPILE_MODES), {"default": "off",
+                        "tooltip": "torch.compile the transformer blocks (one graph shared by all blocks). The first "
+                                   "step compiles (minutes on big models), later steps reuse it; a new size, length "
+                                   "or cfg 1 vs >1 compiles again. Partially loaded models run uncompiled."}),
         }}
 
-    def load(self, model_name, weight_dtype):
+    def load(self, model_name, weight_dtype, attention="auto", compile="off"):
+        self.check_attention(attention)  # before reading the file: a kernel that is not installed fails at once
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         device = mm.get_torch_device()
         ckpt = load_dit(path, DIT_WEIGHT_DTYPES[weight_dtype])
         family = WanS2V if is_s2v_state_dict(ckpt.sd) else WanDiT
         model = family.from_state_dict(ckpt.sd, ops=ops_for(ckpt, device))
         logging.info("Wan Lean: %s is %s (%s)", model_name, model.variant_name, ckpt.describe())
+        model.attention_backend = None if attention == "auto" else attention  # auto: the process default (auto)
+        compile_blocks(model, compile, eager_when=self.partially_loaded)
         dtype = compute_dtype(device)
-        return (Handle.wrap(model, device, mm.unet_offload_device(), dtype),)
+        # where the weights came from: multi-device workers load the same file (and LoRAs, see nodes/lora.py)
+        source = {"path": path, "weight_dtype": weight_dtype, "loras": ()}
+        return (Handle.wrap(model, device, mm.unet_offload_device(), dtype, source=source),)
+
+    @staticmethod
+    def check_attention(name):
+        try:
+            attention_backends.check_backend(name)
+        except ValueError as e:
+            raise ValueError(f"Wan Load Diffusion Model, input 'attention': {e}") from None
+
+    @staticmethod
+    def partially_loaded(model):
+        """Why compiled blocks must not run now (None: they may): ComfyUI streams a partially loaded model's weights
+        through its casting ops with per-module patch functions, which would recompile per block."""
+        return "the model is partially loaded (low VRAM)" if getattr(model, "model_lowvram", False) else None
 
 
 class WanLeanVAELoader:

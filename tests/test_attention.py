@@ -121,3 +121,116 @@ def test_kernels_match_sdpa_on_cuda(name, tol):
     out = att.attention(q, k, v, backend=name).float()
     ref = reference(q, k, v).float()
     assert (out - ref).abs().max() <= tol * ref.abs().max()
+
+
+# ---- per-model backends: WanDiT.attention_backend, entered by the model's forward (wan_core.attention.use_backend)
+
+def test_use_backend_overrides_the_default_and_restores(monkeypatch):
+    calls = []
+    _fake_kernels(monkeypatch, calls)
+    monkeypatch.setitem(att._KERNELS, "flash", (att._flash, lambda q: True))  # as if q suited the kernel
+    q = qkv()[0]
+    assert att.resolve(q) == "sdpa"  # auto on the CPU
+    with att.use_backend("flash"):
+        assert att.resolve(q) == "flash"
+        with att.use_backend(None):  # None: the process default
+            assert att.resolve(q) == "sdpa"
+            att.set_backend("flash")
+            assert att.resolve(q) == "flash"
+            att.set_backend("auto")
+        assert att.resolve(q) == "flash" and att.resolve(q, "sdpa") == "sdpa"  # an explicit name wins
+    assert att.resolve(q) == "sdpa"
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        with att.use_backend("fast"):
+            pass
+    assert att.resolve(q) == "sdpa"
+
+
+def tiny_dit(backend=None, seed=0):
+    from wan_core.dit import WanDiT
+    from wan_core.smoke import randomize_
+    model = randomize_(WanDiT(dim=256, ffn_dim=256, num_layers=2, text_dim=32, freq_dim=32), seed=seed).eval()
+    model.attention_backend = backend
+    return model
+
+
+def dit_inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 16, 2, 4, 4, generator=g), torch.tensor([700.0]), torch.randn(1, 9, 32, generator=g)
+
+
+@pytest.fixture
+def picks(monkeypatch):
+    """Fake flash / sage kernels that accept CPU fp32 (answering with SDPA); the list of (thread, backend) that
+    `resolve` picked for every attention call."""
+    import threading
+    _fake_kernels(monkeypatch, [])
+    for name in ("flash", "sage"):
+        monkeypatch.setitem(att._KERNELS, name, (att._KERNELS[name][0], lambda q: True))
+    out, resolve = [], att.resolve
+
+    def recording(q, backend=None):
+        name = resolve(q, backend)
+        out.append((threading.get_ident(), name))
+        return name
+
+    monkeypatch.setattr(att, "resolve", recording)
+    return out
+
+
+def test_each_model_runs_its_own_backend(picks):
+    """Two models with different backends in one process, called in turns, nested in another override, and next to a
+    model left at the default: every attention call of a forward uses that model's backend; outputs unchanged."""
+    flash, sage, default = tiny_dit("flash"), tiny_dit("sage"), tiny_dit()
+    x, t, ctx = dit_inputs()
+    with torch.no_grad():
+        ref = default(x, t, ctx)
+        assert {n for _, n in picks} == {"sdpa"} and len(picks) == 4  # 2 blocks x (self + cross attention)
+        for model, name in ((flash, "flash"), (sage, "sage"), (flash, "flash"), (default, "sdpa")):
+            picks.clear()
+            with att.use_backend("sage" if model is flash else "flash"):  # the model's own choice wins inside it
+                assert torch.equal(model(x, t, ctx), ref)
+            assert [n for _, n in picks] == [name] * 4
+        sdpa = tiny_dit("sdpa")
+        assert torch.equal(sdpa(x, t, ctx), ref)  # the default (auto -> sdpa on the CPU): the same outputs as before
+
+
+def test_backends_do_not_leak_between_threads(picks):
+    """Two threads running models with different backends at the same time each see only their model's backend."""
+    import threading
+    models = {"flash": tiny_dit("flash"), "sage": tiny_dit("sage")}
+    x, t, ctx = dit_inputs()
+    barrier, seen, errors = threading.Barrier(2), {}, []
+
+    def work(name):
+        try:
+            seen[name] = threading.get_ident()
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(3):
+                    models[name](x, t, ctx)
+        except Exception as e:  # reported below, never swallowed
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in models]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    for name, ident in seen.items():
+        assert {n for i, n in picks if i == ident} == {name}
+    assert len(picks) == 2 * 3 * 4
+
+
+def test_s2v_model_uses_its_backend_in_the_audio_injector_too(picks):
+    from test_s2v import TINY, inputs
+    from wan_core.s2v import WanS2V
+    from wan_core.smoke import randomize_
+    model = randomize_(WanS2V(**TINY), seed=1).eval()
+    model.attention_backend = "sage"
+    a = inputs()
+    with torch.no_grad():
+        model(**dict(a, context=a["context"][:, :7]))
+    layers, injectors = TINY["num_layers"], len(TINY["audio_inject_layers"])
+    assert [n for _, n in picks] == ["sage"] * (2 * layers + injectors)

@@ -5,9 +5,17 @@ FA3's `flash_attn_interface` on Hopper when installed, else FA2's `flash_attn`),
 sageattention package: INT8 QK / FP8 PV kernels, lossy, about 1e-2 relative). "auto" (the default)
 takes flash when it is importable and supports the call (CUDA, fp16/bf16, head_dim <= 256), else sdpa;
 sage is only used when chosen by name. A named kernel that cannot run a call (CPU tensors, fp32)
-falls back to sdpa for that call. Choose with `set_backend(name)` or `attention(..., backend=name)`.
+falls back to sdpa for that call.
+
+Choosing: `attention(..., backend=name)` for one call; `use_backend(name)` for everything inside a `with` block in
+this thread (a model's forward enters its own `attention_backend` this way, so two models with different backends
+never interfere); `set_backend(name)` for the process default (what a None override leaves in force).
+The override lives in a threading.local, not a ContextVar: torch.compile traces a threading.local read (guarding
+on its value) but breaks the graph at every ContextVar.get.
 """
+import contextlib
 import importlib
+import threading
 import warnings
 
 import torch
@@ -18,6 +26,7 @@ _PACKAGES = {"flash": ("flash_attn_interface", "flash_attn"), "sage": ("sageatte
 _INSTALL = {"flash": "pip install flash-attn", "sage": "pip install sageattention"}
 _modules = {}
 _state = {"backend": "auto"}
+_override = threading.local()  # .backend: the innermost use_backend's name in this thread (absent or None: none)
 
 
 def _module(name):
@@ -51,12 +60,16 @@ def _sage(q, k, v):
     return _module("sage").sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
+def _ampere(q):  # get_device_properties: torch.compile folds it to a constant (get_device_capability breaks)
+    return torch.cuda.get_device_properties(q.device).major >= 8
+
+
 def _flash_ok(q):
-    return _half_cuda(q) and torch.cuda.get_device_capability(q.device)[0] >= 8
+    return _half_cuda(q) and _ampere(q)
 
 
 def _sage_ok(q):
-    return _half_cuda(q, max_dim=128) and torch.cuda.get_device_capability(q.device)[0] >= 8
+    return _half_cuda(q, max_dim=128) and _ampere(q)
 
 
 _KERNELS = {"sdpa": (_sdpa, lambda q: True), "flash": (_flash, _flash_ok), "sage": (_sage, _sage_ok)}
@@ -67,7 +80,8 @@ def available_backends():
     return ["auto", "sdpa"] + [n for n in _PACKAGES if _module(n) is not None]
 
 
-def _check(name):
+def check_backend(name):
+    """`name` if it is a backend whose kernel imports here, else a ValueError naming it and the fix."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name in _PACKAGES and _module(name) is None:
@@ -78,7 +92,7 @@ def _check(name):
 
 def set_backend(name):
     """Choose the process-wide default backend; returns the previous one (to restore it)."""
-    previous, _state["backend"] = _state["backend"], _check(name)
+    previous, _state["backend"] = _state["backend"], check_backend(name)
     return previous
 
 
@@ -86,9 +100,22 @@ def get_backend():
     return _state["backend"]
 
 
+@contextlib.contextmanager
+def use_backend(name):
+    """Inside the block (this thread only), calls without an explicit backend use `name`; None: the process default."""
+    previous = getattr(_override, "backend", None)
+    _override.backend = None if name is None else check_backend(name)
+    _module("flash")  # imported here, outside compiled code (auto asks for it; tracing an import breaks the graph)
+    try:
+        yield
+    finally:
+        _override.backend = previous
+
+
 def resolve(q, backend=None):
-    """The backend that will run a call on q: the named one if it supports q, else sdpa."""
-    name = _check(backend) if backend is not None else _state["backend"]
+    """The backend that will run a call on q: the named one (else the use_backend override, else the process
+    default) if it supports q, else sdpa."""
+    name = check_backend(backend) if backend is not None else getattr(_override, "backend", None) or _state["backend"]
     if name == "auto":
         return "flash" if _module("flash") is not None and _flash_ok(q) else "sdpa"
     if not _KERNELS[name][1](q):

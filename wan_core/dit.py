@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import parallel
-from .attention import attention
+from .attention import attention, use_backend
 from .cache import block0_signal
 
 HEAD_DIM = 128  # every official Wan model uses 128-wide heads
@@ -92,7 +92,12 @@ def gated_residual(x, y, gate, segments=None):
 
 
 def apply_rope(x, rope):
-    """Rotate adjacent pairs of x [B, L, H, D] by the table (cos, sin) [L, D/2]: one complex multiply in fp32."""
+    """Rotate adjacent pairs of x [B, L, H, D] by the table (cos, sin) [L, D/2]: one complex multiply in fp32
+    (under torch.compile the same product in real arithmetic: inductor generates no code for complex tensors)."""
+    if torch.compiler.is_compiling():
+        cos, sin = (t[None, :, None, :] for t in rope)
+        re, im = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        return torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1).flatten(-2).type_as(x)
     freqs = torch.complex(*rope)[None, :, None, :]
     pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
@@ -194,7 +199,11 @@ class WanDiT(nn.Module):
     Wan 2.2 I2V-A14B (in 36, no CLIP), TI2V-5B (in/out 48, per-token timesteps).
 
     forward(x [B,C,F,H,W], t [B] or [B, L] raw timesteps, context [B, <=512, text_dim],
-            clip [B, 257 or 514, 1280] for image models, y [B, C_y, F, H, W] concatenated to x on channels) -> velocity."""
+            clip [B, 257 or 514, 1280] for image models, y [B, C_y, F, H, W] concatenated to x on channels) -> velocity.
+
+    `attention_backend`: this model's attention (a name of wan_core.attention.BACKENDS; None: the process default),
+    in force for every attention call of a forward, S2V's and sequence-parallel ones included."""
+    attention_backend = None
 
     def __init__(self, dim=1536, ffn_dim=8960, num_layers=30, in_dim=16, out_dim=16, text_dim=4096,
                  freq_dim=256, patch_size=(1, 2, 2), text_len=512, eps=1e-6, clip_dim=None, clip_pos_tokens=None, ops=None):
@@ -212,6 +221,10 @@ class WanDiT(nn.Module):
         self.head = Head(dim, out_dim * math.prod(patch_size), eps, ops)
         self.img_emb = ImageProjection(clip_dim, dim, clip_pos_tokens, ops) if image else None
         self._rope_cache = {}
+
+    def __call__(self, *args, **kwargs):
+        with use_backend(self.attention_backend):
+            return super().__call__(*args, **kwargs)
 
     def rope(self, grid, device):
         """RoPE tables for a token grid, built once per grid size and device (not per step)."""
