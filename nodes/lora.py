@@ -78,7 +78,11 @@ class WanLeanLoraLoader:
         else:
             logging.info("Wan Lean LoRA %s", match.summary(name))
         patcher = add_lora(model.patcher, match.patches, strength)
-        return (dataclasses.replace(model, patcher=patcher, extra=dict(model.extra)),)
+        extra = dict(model.extra)
+        if "source" in extra:  # recorded for processes that rebuild the model (multi-device workers)
+            path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            extra["source"] = {**extra["source"], "loras": extra["source"]["loras"] + ((path, strength),)}
+        return (dataclasses.replace(model, patcher=patcher, extra=extra),)
 
 
 NODE_CLASS_MAPPINGS = {"WanLeanLoraLoader": WanLeanLoraLoader}

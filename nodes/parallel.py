@@ -1,8 +1,12 @@
-"""Multi-device sampling: one worker process per local GPU (wan_core.parallel.WorkerPool), each holding its own copy
-of the model file, sequence-parallel and optionally CFG-parallel; the ComfyUI process feeds the job and gets the
-latent back. The pool is kept while the model file, devices and layout stay the same, and is closed on an
-interrupt, a worker error and ComfyUI's exit. The node loads its model file itself (each worker reads it), so
-LoRAs and ComfyUI's model patches do not apply here."""
+"""Multi-device sampling: one worker process per device (wan_core.parallel.WorkerPool), each holding its own copy of
+the model, sequence-parallel (Ulysses attention, ring attention where the head count does not divide) and optionally
+CFG-parallel; the ComfyUI process feeds the job and gets the latent back.
+
+The node takes the loaded model (Wan Load Diffusion Model, optionally through Wan Load LoRA): the workers load the
+file it came from with the same weight dtype and merge the same LoRAs (the handle's `extra["source"]`). The pool is
+kept while model, LoRAs, devices and layout stay the same. It is closed on an interrupt, a worker error, ComfyUI's
+exit, and whenever ComfyUI unloads it: a weightless stand-in model sits in ComfyUI's memory manager on its main
+device, so /free (unload models), or another model needing that device's memory, ends the workers."""
 import atexit
 import os
 import sys
@@ -10,28 +14,30 @@ import sys
 import torch
 
 import comfy.model_management as mm
-import folder_paths
+import comfy.model_patcher
+from comfy.patcher_extension import CallbacksMP
 
 # The workers are spawned processes that unpickle their job by module name: the pack's own package name exists
 # only inside ComfyUI, so the core is imported here under its top-level name from the pack's folder.
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
-from wan_core.parallel import ATTENTION_MODES, DiTFiles, WorkerPool, parse_devices, sample_job  # noqa: E402
+from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, parse_devices,  # noqa: E402
+                                sample_job)
 from wan_core.pipeline import Cond  # noqa: E402
 
 if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
     raise ImportError(f"another 'wan_core' package ({sys.modules['wan_core'].__file__}) shadows this pack's")
-from ..wan_core.pipeline import check_video_size
+from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from .common import CATEGORY, compute_dtype
-from .loaders import diffusion_model_files
-from .sampler import cfg_widget, to_cond, widgets
+from .loaders import DIT_WEIGHT_DTYPES
+from .sampler import activation_memory, cfg_widget, check_fit, to_cond, widgets
 
-_POOL = {"pool": None}
+_POOL = {"pool": None, "stand_in": None}
 
 
 def close_pool():
-    pool, _POOL["pool"] = _POOL["pool"], None
+    pool, _POOL["pool"], _POOL["stand_in"] = _POOL["pool"], None, None
     if pool is not None:
         pool.close()
 
@@ -39,23 +45,53 @@ def close_pool():
 atexit.register(close_pool)
 
 
-def get_pool(factory, devices, cfg_parallel, attention):
+class WanLeanWorkerPool(torch.nn.Module):
+    """Weightless: what ComfyUI's memory manager sees (and logs) of the worker pool."""
+
+
+def stand_in(memory_required):
+    """A weightless model registered with ComfyUI's memory manager for the pool (asking for `memory_required` bytes on
+    ComfyUI's device first): when ComfyUI unloads it, the pool is closed."""
+    patcher = comfy.model_patcher.ModelPatcher(WanLeanWorkerPool(), load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda *_: close_pool() if _POOL["stand_in"] is patcher else None)
+    mm.load_models_gpu([patcher], memory_required=memory_required)
+    return patcher
+
+
+def get_pool(factory, devices, cfg_parallel, attention, memory_required=0):
     """The running pool when it holds these models on these devices, else a new one (the old one closed)."""
     key = (factory, tuple(devices), bool(cfg_parallel), attention)
     pool = _POOL["pool"]
     if pool is not None and pool.key == key and pool.alive:
         return pool
     close_pool()
+    patcher = stand_in(memory_required if mm.get_torch_device() in map(torch.device, devices) else 0)
     _POOL["pool"] = WorkerPool(factory, devices, cfg_parallel, attention,
                                poll=mm.throw_exception_if_processing_interrupted)
+    _POOL["stand_in"] = patcher
     return _POOL["pool"]
+
+
+def model_source(handle):
+    """The file, weight dtype and LoRAs a loaded model came from, as the workers rebuild it."""
+    source = handle.extra.get("source")
+    if source is None:
+        raise ValueError("model: this model carries no record of the file it was loaded from, which every worker "
+                         "loads: connect Wan Load Diffusion Model (optionally through Wan Load LoRA) to this node")
+    if source["path"].endswith(".gguf") or any(getattr(m, "qtype", None) for m in handle.patcher.model.modules()):
+        raise ValueError(f"model: {os.path.basename(source['path'])} is GGUF-quantised, which the multi-device "
+                         "sampler does not run: load a bf16/fp16/fp8 file of the model, or use Wan Sampler")
+    return ModelSource.of(source["path"], DIT_WEIGHT_DTYPES[source["weight_dtype"]], source["loras"],
+                          handle.patcher.model.attention_backend)
 
 
 class WanLeanParallelSampler:
     DESCRIPTION = ("Samples a Wan video latent on several local devices at once: the video tokens are split across "
-                   "them (sequence parallel, Ulysses attention; all-gather attention when the head count does not "
-                   "divide), and with cfg_parallel the prompt and negative passes run on different halves. Each worker "
-                   "loads the model file itself and stays loaded for the next run with the same settings.")
+                   "them (sequence parallel: Ulysses attention, or ring attention when the head count does not divide "
+                   "the device count), and with cfg_parallel the prompt and negative passes run on different halves. "
+                   "Each worker loads the model's file with its LoRAs and stays loaded for the next run with the same "
+                   "settings; /free (unload models) ends the workers.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -64,8 +100,8 @@ class WanLeanParallelSampler:
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model_name": (diffusion_model_files(), {"tooltip": "A Wan T2V/I2V/FLF2V/TI2V model from "
-                                                                "models/diffusion_models; every worker loads it."}),
+            "model": ("WANLEAN_MODEL", {"tooltip": "A Wan T2V/I2V/FLF2V/TI2V model from Wan Load Diffusion Model or "
+                                                   "Wan Load LoRA; every worker loads its file and LoRAs (not GGUF)."}),
             "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
             "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
             **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
@@ -74,21 +110,26 @@ class WanLeanParallelSampler:
             "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip": "Run the prompt and the negative pass on "
                                                                       "different halves of the devices (even count)."}),
             "attention": (list(ATTENTION_MODES), {"default": "auto", "tooltip": "auto: Ulysses when the head count "
-                                                                               "divides, else all-gather K/V."}),
+                                                                               "divides the devices per pass, else "
+                                                                               "ring; ring: always ring attention."}),
         }}
 
-    def sample(self, model_name, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+    def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                devices, cfg_parallel, attention):
         devices = parse_devices(devices)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
-        path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
-        factory = DiTFiles.of({"model": path}, dtype)
-        cond, uncond = (Cond(**vars(to_cond(c, n))) for c, n in ((positive, "positive"), (negative, "negative")))
-        check_video_size(width, height, length, 16)  # (32 for TI2V-5B: checked in the workers, by the model)
-        spec = dict(experts=[("model", cfg, 0.0)], cond=cond, uncond=uncond, seed=seed, steps=steps, shift=shift,
-                    sampler=sampler, width=width, height=height, length=length, dtype=dtype)
-        pool = get_pool(factory, devices, cfg_parallel, attention)
+        cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
+        net = model.patcher.model
+        check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
+        shape = latent_shape(width, height, length, net.out_dim)
+        check_fit(model, cond, shape)
+        factory = DiTFiles.of({"model": model_source(model)}, dtype)
+        spec = dict(experts=[("model", cfg, 0.0)], cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
+                    steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
+        weights = sum(p.numel() for p in net.parameters()) * dtype.itemsize
+        pool = get_pool(factory, devices, cfg_parallel, attention,
+                        weights + activation_memory(net, shape, dtype) // len(devices))
         return ({"samples": pool.run(sample_job, spec, poll=mm.throw_exception_if_processing_interrupted)},)
 
 

@@ -14,8 +14,9 @@ One machine, 4 GPUs:
         --cond cond.safetensors --width 1280 --height 720 --length 81 --steps 50 --cfg 5 --shift 5 --out latent.safetensors
 Two machines x 8 GPUs: the same on each with --nnodes 2 --node-rank N --rdzv-backend c10d --rdzv-endpoint HOST:PORT.
 Wan 2.2 A14B: --model HIGH.safetensors --model-low LOW.safetensors --boundary 0.875 --cfg 4 --cfg-low 3.
---cfg-parallel splits the world in two halves (prompt / negative pass); --attention allgather forces the
-all-gather K/V attention (auto: Ulysses when the head count divides the sequence-parallel size).
+LoRAs: --lora FILE[:STRENGTH] (repeatable; --lora-low for the low-noise expert), merged into each process's copy.
+--cfg-parallel splits the world in two halves (prompt / negative pass); --attention ring forces ring attention
+(auto: Ulysses when the head count divides the sequence-parallel size, else ring).
 """
 import argparse
 import os
@@ -26,17 +27,30 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wan_core.parallel import ATTENTION_MODES, DiTFiles, make_mesh, sample_job  # noqa: E402
+from wan_core.parallel import ATTENTION_MODES, DiTFiles, ModelSource, make_mesh, sample_job  # noqa: E402
 from wan_core.pipeline import Cond  # noqa: E402
 from wan_core.sampling import SAMPLERS  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def lora_arg(text):
+    """FILE or FILE:STRENGTH -> (path, strength)."""
+    path, _, strength = text.rpartition(":")
+    try:
+        return (path, float(strength)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="Wan diffusion model file (the high-noise expert for A14B)")
     ap.add_argument("--model-low", help="Wan 2.2 A14B low-noise expert")
+    ap.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="a LoRA merged into --model (repeatable, applied in order; strength default 1)")
+    ap.add_argument("--lora-low", type=lora_arg, action="append", default=[], metavar="FILE[:STRENGTH]",
+                    help="a LoRA merged into --model-low")
     ap.add_argument("--boundary", type=float, default=0.875, help="A14B switch timestep / 1000 (I2V: 0.900)")
     ap.add_argument("--cond", required=True, help="safetensors with positive, negative (+ clip, y, first_frame)")
     ap.add_argument("--out", required=True, help="where rank 0 writes the latent (safetensors, key 'latent')")
@@ -73,8 +87,10 @@ def main(argv=None):
     dist.init_process_group("nccl" if cuda else "gloo")  # torchrun's env:// rendezvous
     try:
         dtype = DTYPES[a.dtype] if a.dtype else (torch.bfloat16 if cuda else torch.float32)
-        paths = {"high": a.model, **({"low": a.model_low} if a.model_low else {})}
-        models = DiTFiles.of(paths, dtype)(device)
+        sources = {"high": ModelSource.of(a.model, loras=a.lora)}
+        if a.model_low:
+            sources["low"] = ModelSource.of(a.model_low, loras=a.lora_low)
+        models = DiTFiles.of(sources, dtype)(device)
         experts = [("high", a.cfg, a.boundary * 1000 if a.model_low else 0.0)]
         if a.model_low:
             experts.append(("low", a.cfg if a.cfg_low is None else a.cfg_low, 0.0))

@@ -1,6 +1,10 @@
-"""Sequence-parallel (Ulysses / all-gather KV), CFG-parallel and combined runs over gloo with 2 and 4 processes
-equal the single-process output on identical random weights (t2v, per-token t, i2v, S2V; token counts that do
-not divide the world size), and the worker pool ends every worker on a crash or an interrupt."""
+"""Sequence-parallel (Ulysses / ring attention), CFG-parallel and combined runs over gloo with 2 and 4 processes
+equal the single-process output on identical random weights (t2v, per-token t, i2v, S2V; head and token counts
+that do not divide the world size), the attention method that ran is the expected one, ring attention's block
+math is exact, the multi-device node rebuilds the loaded model (file, weight dtype, LoRAs) in its workers and equals
+the single-process sampler, and the worker pool ends every worker on a crash (on an interrupt and /free through a
+real server: tests/test_parallel_server.py)."""
+import dataclasses
 import os
 
 import psutil
@@ -10,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import scale_close
+from test_lora import pack_module, smoke_loras  # noqa: F401  (a fixture: two LoRAs for the smoke T2V-1.3B)
 from wan_core import parallel
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
@@ -17,13 +22,16 @@ from wan_core.s2v import WanS2V
 from wan_core.smoke import randomize_
 
 TEXT = 32
+T2V = "wan2.1_t2v_1.3B_fp16.safetensors"
 
 
 def _models():
-    """Tiny models: 2 heads (dim 256: Ulysses on 2 ranks, all-gather KV on 4) and 4 heads (Ulysses on 4)."""
+    """Tiny models (head dim 128): 2 heads (dim 256: Ulysses on 2 ranks, ring on 4), 3 heads (ring on 2 and 4) and
+    4 heads (Ulysses on 2 and 4)."""
     torch.manual_seed(0)
     return {
         "t2v": randomize_(WanDiT(dim=256, ffn_dim=64, num_layers=2, text_dim=TEXT, freq_dim=32), seed=1),
+        "t2v3": randomize_(WanDiT(dim=384, ffn_dim=64, num_layers=1, text_dim=TEXT, freq_dim=32), seed=9),
         "t2v4": randomize_(WanDiT(dim=512, ffn_dim=64, num_layers=1, text_dim=TEXT, freq_dim=32), seed=2),
         "i2v": randomize_(WanDiT(dim=256, ffn_dim=64, num_layers=2, in_dim=36, text_dim=TEXT, freq_dim=32,
                                  clip_dim=24), seed=3),
@@ -48,6 +56,7 @@ def _inputs():
     return {
         "t2v": ("t2v", (x, t, r(2, 7, TEXT)), {}),
         "t2v_per_token_t": ("t2v", (x, per_token, r(2, 7, TEXT)), {}),
+        "t2v_3heads": ("t2v3", (x, t, r(2, 7, TEXT)), {}),
         "t2v_4heads": ("t2v4", (x, t, r(2, 7, TEXT)), {}),
         "i2v": ("i2v", (x, t, r(2, 7, TEXT)), dict(clip=r(2, 5, 24), y=r(2, 20, 3, 6, 10))),
         "s2v": ("s2v", (r(2, 16, 3, 8, 8), t, r(2, 7, TEXT)), s2v),  # 48 noisy + 16 ref + 24 motion tokens
@@ -69,22 +78,33 @@ def _reference():
     return out
 
 
-LAYOUTS = {2: [("sp", False, "auto"), ("sp_allgather", False, "allgather"), ("cfg", True, "auto")],
+LAYOUTS = {2: [("sp", False, "auto"), ("sp_ring", False, "ring"), ("cfg", True, "auto")],
            4: [("sp", False, "auto"), ("cfg_sp", True, "auto")]}
+HEADS = {"t2v": 2, "t2v3": 3, "t2v4": 4, "i2v": 2, "s2v": 2}
+
+
+def expected_method(mode, heads, sp_size):
+    """The self-attention a sequence group of sp_size ranks must run ({} without one)."""
+    if sp_size == 1:
+        return set()
+    return {"ring" if mode == "ring" or heads % sp_size else "ulysses"}
 
 
 def _forward_worker(rank, world, init, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     models, inputs = _models(), _inputs()
-    results = {}
+    results, methods = {}, {}
     with torch.no_grad():
         for layout, cfg, mode in LAYOUTS[world]:
             mesh = parallel.make_mesh(cfg_parallel=cfg, attention_mode=mode)
-            for name, (m, a, kw) in inputs.items():
-                results[f"{layout}/{name}"] = parallel.ParallelDiT(models[m], mesh)(*a, **kw)
-            results[f"{layout}/sample"] = _sample(parallel.ParallelDiT(models["t2v"], mesh))
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+            for name, (m, a, kw) in [*inputs.items(), ("sample", ("t2v", None, None))]:
+                if mesh.sp is not None:
+                    mesh.sp.calls.clear()
+                model = parallel.ParallelDiT(models[m], mesh)
+                results[f"{layout}/{name}"] = _sample(model) if name == "sample" else model(*a, **kw)
+                methods[f"{layout}/{name}"] = set(mesh.sp.calls) if mesh.sp is not None else set()
+    torch.save((results, methods), os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -96,14 +116,48 @@ def reference():
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_equals_single_process(world, reference, tmp_path):
     mp.spawn(_forward_worker, args=(world, f"file://{tmp_path}/rendezvous", str(tmp_path)), nprocs=world)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    ranks, methods = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in range(world)))
     assert len(ranks[0]) == len(LAYOUTS[world]) * len(reference)
+    layouts, models = {name: (cfg, mode) for name, cfg, mode in LAYOUTS[world]}, {**_inputs(), "sample": ("t2v",)}
     for key, out in ranks[0].items():
-        ref = reference[key.split("/")[1]]
+        layout, case = key.split("/")
+        cfg, mode = layouts[layout]
+        assert methods[0][key] == expected_method(mode, HEADS[models[case][0]], world // (2 if cfg else 1)), key
+        ref = reference[case]
         assert out.shape == ref.shape, key
         scale_close(out, ref, rel=1e-5)
         for other in ranks[1:]:  # every rank returns the same tensor (the samplers stay in step)
             assert torch.equal(other[key], out), key
+
+
+def test_every_case_has_a_ring_run():
+    """Each case (t2v, per-token t, i2v, S2V, sampling) runs ring attention in some layout with 2 and 4 ranks (but the
+    4-head model on 4 ranks: Ulysses, the case for it); ring within CFG groups: the 3-head model on 4 ranks."""
+    models = {**_inputs(), "sample": ("t2v",)}
+    for world, layouts in LAYOUTS.items():
+        for case, (m, *_) in models.items():
+            if (world, m) == (4, "t2v4"):
+                continue
+            assert any(expected_method(mode, HEADS[m], world // (2 if cfg else 1)) == {"ring"}
+                       for _, cfg, mode in layouts), (world, case)
+
+
+@pytest.mark.parametrize("device_dtype", ["cpu-float32", "cpu-bfloat16", "math-float32"])
+def test_ring_blocks_merge_to_full_attention(device_dtype):
+    """Attention of 11 queries over 3 uneven key blocks, merged by log-sum-exp, equals attention over all keys."""
+    kind, dtype = device_dtype.split("-")
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=g).to(dtype) for n in (11, 23, 23))
+    full = parallel.attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+    out = lse = None
+    for lo, hi in ((0, 9), (9, 10), (10, 23)):
+        part = (parallel._lse_math if kind == "math" else parallel.block_attention)(q, k[:, :, lo:hi], v[:, :, lo:hi])
+        out, lse = parallel.merge_attention(out, lse, *part)
+    assert out.dtype == lse.dtype == torch.float32
+    scale_close(out.transpose(1, 2).flatten(2), full, rel=1e-5 if dtype == torch.float32 else 2e-2)
+    if kind == "cpu" and dtype == torch.float32:  # the fused kernel's lse is the math one's
+        scale_close(parallel.block_attention(q, k, v)[1], parallel._lse_math(q, k, v)[1], rel=1e-6)
 
 
 def test_ulysses_refuses_indivisible_heads():
@@ -123,10 +177,6 @@ def test_parse_devices():
 
 # ----------------------------------------------------------------------------- the worker pool
 
-def _tiny_factory(device):
-    return {}
-
-
 def _steps_job(models, mesh, device, stop_check, steps, crash_rank=None):
     """A job that talks on every step (as sampling does) and can make one rank die."""
     for i in range(steps):
@@ -142,27 +192,25 @@ def _gone(pids):
     return not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
 
 
-class _Interrupt(Exception):
-    pass
-
-
-def test_node_pool_parity_reuse_crash_and_interrupt(smoke_models):
-    """The multi-device node (2 CPU workers, CFG-parallel) returns the single-process latent and reuses its pool;
-    a worker crash, and separately an interrupt seen by the caller, end every worker; the caller goes on."""
-    from test_lora import pack_module
-    node_module = pack_module("parallel")
+def test_node_pool_parity_reuse_and_crash(smoke_models, smoke_loras):
+    """The multi-device node on a loaded model with a LoRA (2 CPU workers, CFG-parallel) returns the latent of the
+    single-process sampler on the same model and reuses its pool; a worker crash ends every worker; the caller goes
+    on. (An interrupt through a real server: tests/test_parallel_server.py.)"""
+    node_module, loaders, lora, sampler = (pack_module(n) for n in ("parallel", "loaders", "lora", "sampler"))
     import folder_paths
-    from wan_core.checkpoint import load_dit
-    folder_paths.add_model_folder_path("diffusion_models", os.path.join(smoke_models, "diffusion_models"))
-    name = "wan2.1_t2v_1.3B_fp16.safetensors"
+    for kind in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
+    model = loaders.WanLeanModelLoader().load(T2V, "default")[0]
+    with_lora = lora.WanLeanLoraLoader().load(model, smoke_loras[1], 0.8)[0]
     g = torch.Generator().manual_seed(8)
     pos, neg = [[torch.randn(1, 6, 64, generator=g), {}]], [[torch.zeros(1, 3, 64), {}]]
     args = dict(seed=3, steps=2, cfg=4.0, shift=5.0, sampler="unipc", width=64, height=48, length=5)
     node = node_module.WanLeanParallelSampler()
+    layout = dict(devices="cpu:2", cfg_parallel=True, attention="auto")
     try:
-        out = node.sample(name, pos, neg, devices="cpu:2", cfg_parallel=True, attention="auto", **args)[0]["samples"]
+        out = node.sample(with_lora, pos, neg, **layout, **args)[0]["samples"]
         pool = node_module._POOL["pool"]
-        again = node.sample(name, pos, neg, devices="cpu:2", cfg_parallel=True, attention="auto", **args)[0]["samples"]
+        again = node.sample(with_lora, pos, neg, **layout, **args)[0]["samples"]
         assert node_module._POOL["pool"] is pool and torch.equal(out, again)
         pids = [p.pid for p in pool.procs]
         assert pool.run(_steps_job, 3) in pids
@@ -171,22 +219,35 @@ def test_node_pool_parity_reuse_crash_and_interrupt(smoke_models):
         assert not pool.alive and _gone(pids)
     finally:
         node_module.close_pool()
-    _interrupt_ends_every_worker()
-    model = WanDiT.from_state_dict(load_dit(os.path.join(smoke_models, "diffusion_models", name), torch.float32).sd)
-    ref = generate([Expert(lambda: model, 4.0)], Cond(pos[0][0]), Cond(neg[0][0]), channels=16,
-                   **{k: v for k, v in args.items() if k != "cfg"})
+    ref = sampler.WanLeanSampler().sample(with_lora, pos, neg, **args)[0]["samples"]
     scale_close(out, ref, rel=1e-5)
+    plain = sampler.WanLeanSampler().sample(model, pos, neg, **args)[0]["samples"]
+    assert (plain - ref).abs().max() > 1e-2 * ref.abs().max(), "the LoRA changed nothing"
 
 
-def _interrupt_ends_every_worker():
-    pool = parallel.WorkerPool(_tiny_factory, ["cpu", "cpu"])
-    pids, calls = [p.pid for p in pool.procs], []
-
-    def poll():  # ComfyUI's interrupt check, raising on the third look
-        calls.append(1)
-        if len(calls) >= 3:
-            raise _Interrupt()
-
-    with pytest.raises(_Interrupt):
-        pool.run(_steps_job, 10 ** 9, poll=poll)
-    assert not pool.alive and _gone(pids)
+def test_node_model_source(smoke_models, smoke_loras):
+    """The workers' model: file, weight dtype and LoRAs from the handle (the pool key changes with each); a model
+    without a source or a GGUF one is refused with a message naming the fix."""
+    node_module, loaders, lora = (pack_module(n) for n in ("parallel", "loaders", "lora"))
+    import folder_paths
+    for kind in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
+    model = loaders.WanLeanModelLoader().load(T2V, "fp8_e4m3fn")[0]
+    stacked = lora.WanLeanLoraLoader().load(lora.WanLeanLoraLoader().load(model, smoke_loras[0], 1.0)[0],
+                                            smoke_loras[1], -0.5)[0]
+    source = node_module.model_source(stacked)
+    assert source.path.endswith(T2V) and source.weight_dtype == "float8_e4m3fn"
+    assert [(os.path.basename(p), s) for p, s in source.loras] == [(smoke_loras[0], 1.0), (smoke_loras[1], -0.5)]
+    keys = {parallel.DiTFiles.of({"model": node_module.model_source(m)}, torch.float32) for m in (model, stacked)}
+    assert len(keys) == 2
+    key = "blocks.0.self_attn.q.weight"
+    sd = source.state_dict(torch.float32)  # fp8-rounded matrices, both LoRAs merged (in fp8), then fp32
+    plain = parallel.ModelSource.of(source.path).state_dict(torch.float32)
+    rounded = parallel.ModelSource.of(source.path, torch.float8_e4m3fn).state_dict(torch.float32)
+    assert sd[key].dtype == torch.float32 and torch.equal(rounded[key], plain[key].to(torch.float8_e4m3fn).float())
+    assert not torch.equal(sd[key], rounded[key]) and torch.equal(sd[key], sd[key].to(torch.float8_e4m3fn).float())
+    with pytest.raises(ValueError, match="no record of the file .* connect Wan Load Diffusion Model"):
+        node_module.model_source(dataclasses.replace(model, extra={}))
+    gguf = loaders.WanLeanModelLoader().load("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
+    with pytest.raises(ValueError, match="GGUF-quantised.*load a bf16/fp16/fp8 file"):
+        node_module.model_source(gguf)

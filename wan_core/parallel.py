@@ -1,13 +1,16 @@
 """Sampling beyond one device on torch.distributed (NCCL on GPUs, gloo on CPUs): sequence parallelism, CFG
 parallelism and both combined, plus a pool of local worker processes that keeps the models between runs.
 
-Sequence parallel (Ulysses): each rank of a sequence group holds L/world tokens (L padded up to a multiple of
-the world size with inert zero tokens), its slice of the RoPE table and of per-token timesteps. Self-attention
-does an all-to-all so each rank holds every token for heads/world heads, attends over the real (unpadded) tokens
-and all-to-alls back. Where the head count does not divide the group size (the 1.3B model's 12 heads on 8 ranks,
-the smoke models' 2-3 heads) the fallback is *all-gather KV*: every rank gathers all keys and values and attends
-its own queries over them (exact; more traffic and K/V memory than ring attention, which is not implemented).
-Cross-attention needs no communication (the text context is replicated); the head's output is all-gathered.
+Sequence parallel: each rank of a sequence group holds L/world tokens (L padded up to a multiple of the world
+size with inert zero tokens), its slice of the RoPE table and of per-token timesteps. Self-attention is one of:
+- Ulysses: an all-to-all so each rank holds every token for heads/world heads, attention over the real
+  (unpadded) tokens, an all-to-all back. Needs the head count to divide the group size.
+- ring: each rank keeps its queries while the key/value blocks travel around the ring of ranks (P2P, the next
+  block's transfer overlapping this block's attention); per-block results merge by their log-sum-exp in fp32,
+  padding keys are left out. Any head count (the 1.3B model's 12 heads on 8 ranks, the smoke models' 2-3);
+  memory per step: one K/V block in use and one in flight.
+Mode "auto" takes Ulysses where the heads divide, else ring. Cross-attention needs no communication (the text
+context is replicated); the head's output is all-gathered.
 
 CFG parallel: a model call whose batch holds (cond, uncond) is split across a CFG group of 2 ranks and the
 outputs all-gathered. World = cfg x sp: ranks [c * sp, (c + 1) * sp) form the sequence group of CFG branch c.
@@ -15,12 +18,15 @@ outputs all-gathered. World = cfg x sp: ranks [c * sp, (c + 1) * sp) form the se
 The DiT sees none of this but three hooks: `self_attention` (SelfAttention), `current()` (WanDiT / WanS2V shard
 their tokens and gather the head's output when a sequence-parallel context is active) and `inject_audio` (S2V).
 """
+import collections
 import contextlib
-import contextvars
 import datetime
 import os
+import sys
 import threading
 import traceback
+import types
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,19 +36,20 @@ import torch.multiprocessing as mp
 
 from .attention import attention
 
-ATTENTION_MODES = ("auto", "ulysses", "allgather")
-_ACTIVE = contextvars.ContextVar("wan_sequence_parallel", default=None)
+ATTENTION_MODES = ("auto", "ulysses", "ring")
+# the active SequenceParallel of this thread (a threading.local, not a ContextVar: torch.compile traces its read)
+_ACTIVE = threading.local()
 
 
 def current():
     """The active `SequenceParallel` of this call, or None (one process: nothing to shard)."""
-    return _ACTIVE.get()
+    return getattr(_ACTIVE, "sp", None)
 
 
 def self_attention(q, k, v):
     """A token sequence attending over itself ([B, L, H, D] -> [B, L, H*D]): plain `attention` in one process,
     the distributed version of the active sequence-parallel context otherwise."""
-    sp = _ACTIVE.get()
+    sp = getattr(_ACTIVE, "sp", None)
     return attention(q, k, v) if sp is None else sp.attention(q, k, v)
 
 
@@ -54,15 +61,18 @@ class SequenceParallel:
             raise ValueError(f"unknown sequence-parallel attention {mode!r}; choose one of {', '.join(ATTENTION_MODES)}")
         self.group, self.mode = group, mode
         self.rank, self.size = dist.get_rank(group), dist.get_world_size(group)
+        ring = [dist.get_global_rank(group, r) for r in range(self.size)]  # P2P peers are global ranks
+        self.next, self.prev = ring[(self.rank + 1) % self.size], ring[(self.rank - 1) % self.size]
         self.length = self.local = self.start = None
+        self.calls = collections.Counter()  # self-attention calls per method ("ulysses" / "ring")
 
     @contextlib.contextmanager
     def active(self):
-        token = _ACTIVE.set(self)
+        outer, _ACTIVE.sp = getattr(_ACTIVE, "sp", None), self
         try:
             yield self
         finally:
-            _ACTIVE.reset(token)
+            _ACTIVE.sp = outer
 
     def split(self, t, dim=1):
         """This rank's slice of t along `dim` (zero-padded at the end up to size * local)."""
@@ -100,10 +110,10 @@ class SequenceParallel:
         heads = q.shape[2]
         if self.mode == "ulysses" and heads % self.size:
             raise ValueError(f"Ulysses attention needs the head count ({heads}) to divide the sequence-parallel size "
-                             f"({self.size}): use attention 'auto' or 'allgather', or another number of devices")
-        if self.mode == "allgather" or heads % self.size:
-            return self._allgather_kv(q, k, v)
-        return self._ulysses(q, k, v)
+                             f"({self.size}): use attention 'auto' or 'ring', or another number of devices")
+        method = "ring" if self.mode == "ring" or heads % self.size else "ulysses"
+        self.calls[method] += 1
+        return self._ring(q, k, v) if method == "ring" else self._ulysses(q, k, v)
 
     def _all_to_all(self, x):
         """[size, ...] chunks: chunk i goes to rank i; returns the chunks received, in rank order."""
@@ -127,16 +137,83 @@ class SequenceParallel:
         out = self._all_to_all(out.view(b, w, n, heads // w, d).transpose(0, 1))
         return out.permute(1, 2, 0, 3, 4).reshape(b, n, heads * d)
 
-    def _allgather_kv(self, q, k, v):
-        """Fallback for any head count: gather every rank's keys and values, attend the local queries over them."""
-        k, v = (self.gather(t.flatten(2)).unflatten(2, q.shape[2:]) for t in (k, v))
-        return attention(q, k, v)
+    def _ring(self, q, k, v):
+        """Ring attention: the local queries attend each rank's key/value block in turn (this rank's first, then
+        the block of rank - 1, - 2, ...), each received while the previous one is attended; the partial results
+        merge by log-sum-exp in fp32. Keys past the real token count (the padding) are left out."""
+        queries = q.transpose(1, 2)  # [B, H, local, D]
+        block = torch.stack([k, v]).transpose(2, 3).contiguous()  # [2, B, H, local, D]: one message per step
+        spare = torch.empty_like(block)
+        out = lse = None
+        for step in range(self.size):
+            pending = self._pass_on(block, spare) if step < self.size - 1 else []
+            owner = (self.rank - step) % self.size
+            real = min(self.local, self.length - owner * self.local)
+            if real > 0:
+                part = block_attention(queries, block[0, :, :, :real], block[1, :, :, :real])
+                out, lse = merge_attention(out, lse, *part)
+            for request in pending:
+                request.wait()
+            block, spare = spare, block
+        return out.to(q.dtype).transpose(1, 2).flatten(2)
+
+    def _pass_on(self, block, into):
+        """Start sending `block` to the next rank and receiving the previous rank's into `into`."""
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, block, self.next, self.group),
+                                       dist.P2POp(dist.irecv, into, self.prev, self.group)])
+
+
+def _lse_math(q, k, v):
+    scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.exp(scores - lse.unsqueeze(-1)) @ v.float(), lse
+
+
+def _lse_kernel(q):
+    """PyTorch's fused attention kernel that also returns the log-sum-exp for q's device and dtype (or None)."""
+    aten = torch.ops.aten
+    if q.device.type == "cpu":
+        return aten._scaled_dot_product_flash_attention_for_cpu
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256:
+        return lambda q, k, v: aten._scaled_dot_product_flash_attention(q, k, v)[:2]
+    if q.is_cuda:
+        return lambda q, k, v: aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+    return None
+
+
+_KERNEL_FAILED = set()
+
+
+def block_attention(q, k, v):
+    """Attention of q over one block of keys, [B, H, L, D] each -> (out [B, H, Lq, D], log-sum-exp of the scaled
+    scores, fp32 [B, H, Lq]). A fused kernel where PyTorch has one with the log-sum-exp (flash / memory-efficient
+    on CUDA, flash on the CPU), else q @ k^T in fp32 (memory: one block of scores)."""
+    kernel = _lse_kernel(q)
+    key = (q.device.type, q.dtype)
+    if kernel is not None and key not in _KERNEL_FAILED:
+        try:
+            out, lse = kernel(q, k, v)
+            return out, lse[..., :q.shape[2]].float()  # the memory-efficient kernel pads the lse to 32 rows
+        except (RuntimeError, NotImplementedError) as e:
+            _KERNEL_FAILED.add(key)
+            warnings.warn(f"ring attention: no fused kernel for {q.dtype} on {q.device.type} ({e}); using fp32 math",
+                          stacklevel=2)
+    return _lse_math(q, k, v)
+
+
+def merge_attention(out, lse, block_out, block_lse):
+    """Attention over the keys seen so far (out fp32, lse; None at first) and over one more block -> over both."""
+    block_out = block_out.float()
+    if out is None:
+        return block_out, block_lse
+    both = torch.logaddexp(lse, block_lse)
+    return (out * torch.exp(lse - both).unsqueeze(-1) + block_out * torch.exp(block_lse - both).unsqueeze(-1)), both
 
 
 def inject_audio(injector, x, block, n, audio, audio_global):
     """S2V's per-frame audio injection (wan_core.s2v.AudioInjector) on this rank's tokens: the noisy tokens it holds
     are placed in whole frames (zeros elsewhere, the injector is per token) with those frames' audio."""
-    sp = _ACTIVE.get()
+    sp = getattr(_ACTIVE, "sp", None)
     if sp is None or injector.block_ids.get(block) is None:
         return injector(x, block, n, audio, audio_global)
     a, b = sp.start, min(sp.start + sp.local, n)
@@ -236,31 +313,67 @@ class Cancelled(Exception):
     """Raised on every rank at the same step when the caller cancelled the job."""
 
 
+def _dtype_name(dtype):
+    return None if dtype is None else str(dtype).replace("torch.", "")
+
+
 @dataclass(frozen=True)
-class DiTFiles:
-    """A picklable model factory for the workers: {name: checkpoint path} loaded with wan_core.checkpoint in the
-    compute dtype on the worker's device. Equal instances mean the same models (the pool's reuse key)."""
-    paths: tuple  # ((name, path), ...)
-    dtype: str = "bfloat16"
-    stamps: tuple = ()  # file sizes and modification times, so a replaced file is reloaded
+class ModelSource:
+    """One diffusion model as a worker rebuilds it: the checkpoint, the dtype the loader stored its weights in
+    (None: the file's own; a torch dtype name such as "float8_e4m3fn"), LoRAs merged in order ((path, strength),
+    ...), every file's size and modification time, so that a replaced file makes another source, and the model's
+    attention backend (wan_core.attention; None: the process default)."""
+    path: str
+    weight_dtype: Optional[str] = None
+    loras: tuple = ()
+    stamps: tuple = ()
+    attention: Optional[str] = None
 
     @classmethod
-    def of(cls, paths, dtype):
-        stamps = tuple((os.path.getsize(p), os.path.getmtime(p)) for p in dict(paths).values())
-        return cls(tuple(dict(paths).items()), str(dtype).replace("torch.", ""), stamps)
+    def of(cls, path, weight_dtype=None, loras=(), attention=None):
+        loras = tuple((p, float(s)) for p, s in loras)
+        stamps = tuple((os.path.getsize(f), os.path.getmtime(f)) for f in (path, *(p for p, _ in loras)))
+        return cls(path, _dtype_name(weight_dtype), loras, stamps, attention)
+
+    def state_dict(self, dtype):
+        """Official-key weights in the compute `dtype`: the file stored as the loader stores it, the LoRAs merged
+        in that storage dtype (as ComfyUI patches a model's weights), then cast; scaled fp8 is folded first."""
+        from .checkpoint import load_dit, read_file
+        from .convert import cast_weights, fold_fp8_scales
+        from .lora import match_lora, merge_lora
+        ckpt = load_dit(self.path, self.weight_dtype and getattr(torch, self.weight_dtype))
+        if ckpt.quantized:
+            raise ValueError(f"{os.path.basename(self.path)} is GGUF ({ckpt.quantized}): multi-device sampling needs "
+                             "a bf16/fp16/fp32/fp8 file of the model (or use Wan Sampler on one device)")
+        sd = fold_fp8_scales(ckpt.sd, dtype) if ckpt.scaled_fp8 is not None else ckpt.sd
+        for path, strength in self.loras:
+            match = match_lora(read_file(path), sd).check(f"'{os.path.basename(path)}'")
+            sd = merge_lora(sd, match.patches, strength)
+        return cast_weights(sd, dtype)
+
+
+@dataclass(frozen=True)
+class DiTFiles:
+    """A picklable model factory for the workers: {name: ModelSource} built in the compute dtype on the worker's
+    device. Equal instances mean the same models (the pool's reuse key)."""
+    models: tuple  # ((name, ModelSource), ...)
+    dtype: str = "bfloat16"
+
+    @classmethod
+    def of(cls, sources, dtype):
+        """sources: {name: ModelSource, or a checkpoint path (file dtypes, no LoRA)}."""
+        return cls(tuple((name, s if isinstance(s, ModelSource) else ModelSource.of(s))
+                         for name, s in dict(sources).items()), _dtype_name(dtype))
 
     def __call__(self, device):
-        from .checkpoint import load_dit
         from .dit import WanDiT
         from .s2v import WanS2V, is_s2v_state_dict
         models = {}
-        for name, path in self.paths:
-            ckpt = load_dit(path, getattr(torch, self.dtype))
-            if ckpt.quantized:
-                raise ValueError(f"{os.path.basename(path)} is {ckpt.quantized}: multi-device sampling needs a "
-                                 "bf16/fp16/fp32/fp8 file")
-            family = WanS2V if is_s2v_state_dict(ckpt.sd) else WanDiT
-            models[name] = family.from_state_dict(ckpt.sd).to(device).eval()
+        for name, source in self.models:
+            sd = source.state_dict(getattr(torch, self.dtype))
+            family = WanS2V if is_s2v_state_dict(sd) else WanDiT
+            models[name] = family.from_state_dict(sd).to(device).eval()
+            models[name].attention_backend = source.attention
         return models
 
 
@@ -275,6 +388,8 @@ def _watch_parent(parent_pid):
 def _worker(rank, world, init_method, devices, factory, options, inbox, outbox, cancel, parent_pid):
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     device = torch.device(devices[rank])
+    if device.type == "cpu":  # CPU workers share the cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         init_distributed(rank, world, init_method, device)
         mesh = make_mesh(**options)
@@ -302,6 +417,19 @@ def _worker(rank, world, init_method, devices, factory, options, inbox, outbox, 
         except Exception:
             outbox.put(("error", rank, traceback.format_exc()))
     dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _bare_main():
+    """An empty __main__ while workers are spawned: a spawned child re-runs its parent's main module, which in
+    ComfyUI is main.py (argument parsing, logging set-up, custom nodes' prestartup scripts, ComfyUI's device
+    initialisation: a CUDA context per worker on the first GPU). The workers need nothing from it."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
 
 
 def parse_devices(spec):
@@ -344,8 +472,9 @@ class WorkerPool:
                                   args=(rank, len(devices), init, list(devices), factory, options, inbox,
                                         self._outbox, self._cancel, os.getpid()))
                       for rank, inbox in enumerate(self._inboxes)]
-        for p in self.procs:
-            p.start()
+        with _bare_main():  # jobs and factories come from importable modules, never from __main__
+            for p in self.procs:
+                p.start()
         self._collect("ready", poll, start_timeout_s)
 
     @property

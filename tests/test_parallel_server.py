@@ -1,0 +1,95 @@
+"""Wan Sampler (multi-GPU) inside a real ComfyUI server: the T2V smoke workflow with a Wan Load LoRA, its sampler
+swapped for the multi-device node on 2 CPU worker processes (ring attention, a token count that does not divide),
+saves the latent of the single-process sampler; the workers start without re-running ComfyUI's main.py;
+/interrupt during a run and /free after one end the workers."""
+import json
+import os
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from comfy_host import Interrupted
+from conftest import ROOT, scale_close
+from run_workflow import shrink
+from test_lora import smoke_loras  # noqa: F401  (a fixture: two LoRAs for the smoke T2V-1.3B)
+from workflow_api import ui_to_api
+
+SIZE = {"width": 144, "height": 80, "length": 9, "steps": 4}  # latent 3 x 5 x 9 = 135 tokens
+PARALLEL = {"devices": "cpu:2", "cfg_parallel": False, "attention": "ring"}
+
+
+def t2v_latent_api(server, lora, parallel=False, prefix="parallel", **inputs):
+    """The T2V workflow (small) with a LoRA loader before the sampler and SaveLatent as its only output; the sampler
+    is the multi-device one when `parallel`."""
+    with open(os.path.join(ROOT, "workflows", "wan21_t2v_1.3B.json"), encoding="utf-8") as f:
+        api = shrink(ui_to_api(json.load(f), server.object_info()), SIZE)
+    sampler_id = next(k for k, v in api.items() if v["class_type"] == "WanLeanSampler")
+    sampler = api[sampler_id]
+    api["lora"] = {"class_type": "WanLeanLoraLoader",
+                   "inputs": {"model": sampler["inputs"]["model"], "lora_name": lora, "strength": 0.8}}
+    sampler["inputs"]["model"] = ["lora", 0]
+    if parallel:
+        sampler["class_type"] = "WanLeanParallelSampler"
+        sampler["inputs"] = {k: v for k, v in sampler["inputs"].items() if not k.startswith("cache_")}
+        sampler["inputs"].update(PARALLEL)
+    sampler["inputs"].update(inputs)
+    for node_id in [k for k, v in api.items() if v["class_type"] in ("WanLeanVAEDecode", "WanLeanSaveVideo")]:
+        del api[node_id]
+    api["save"] = {"class_type": "SaveLatent", "inputs": {"samples": [sampler_id, 0], "filename_prefix": prefix}}
+    return api
+
+
+def latent_of(server, entry):
+    path = next(p for p in server.output_files(entry) if p.endswith(".latent"))
+    return load_file(path)["latent_tensor"]
+
+
+def workers(server):
+    """The server's spawned worker processes (multiprocessing's spawn entry point in their command line)."""
+    found = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        try:
+            if "spawn_main" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def wait_gone(server, pids, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not set(pids) & set(workers(server)):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_parallel_node_in_server(server, smoke_loras):  # noqa: F811
+    lora = smoke_loras[0]
+    reference = latent_of(server, server.run(t2v_latent_api(server, lora, prefix="single")))
+    out = latent_of(server, server.run(t2v_latent_api(server, lora, parallel=True)))
+    pids = workers(server)
+    assert len(pids) == 2, pids
+    assert out.shape == reference.shape == (1, 16, 3, 10, 18)
+    scale_close(out, reference, rel=1e-5)
+    assert server.log_text().count("Setting output directory") == 1, "the workers ran ComfyUI's main.py again"
+
+    long_run = server.queue(t2v_latent_api(server, lora, parallel=True, steps=200))  # the same pool, reused
+    deadline = time.monotonic() + 60
+    while long_run not in server.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)
+    assert set(workers(server)) == set(pids), "the pool was not reused"
+    server.interrupt()
+    with pytest.raises(Interrupted):
+        server.wait(long_run, timeout=60)
+    assert wait_gone(server, pids), "the workers outlived the interrupt"
+
+    server.run(t2v_latent_api(server, lora, parallel=True, seed=11))  # a new pool after the interrupt
+    pids = workers(server)
+    assert len(pids) == 2, pids
+    server.free()
+    assert wait_gone(server, pids), "the workers outlived /free"
