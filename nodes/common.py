@@ -1,12 +1,14 @@
-"""Glue shared by the nodes: ComfyUI's memory manager, dtypes, progress and interrupts."""
+"""Glue shared by the nodes: ComfyUI's memory manager, dtypes, progress, latent previews and interrupts."""
 from dataclasses import dataclass, field
 
 import torch
 
+import comfy.latent_formats
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.ops
 import comfy.utils
+import latent_preview
 
 CATEGORY = "Wan Lean"
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -53,12 +55,37 @@ class Handle:
         return self.patcher.model
 
 
-def step_callback(total, node_id=None):
-    """A per-step callback: progress bar + interrupt check (raises ComfyUI's InterruptProcessingException)."""
-    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+# latent channels -> ComfyUI's latent format of that VAE family (its latent-to-RGB factors, its tiny decoder's name)
+LATENT_FORMATS = {16: comfy.latent_formats.Wan21, 48: comfy.latent_formats.Wan22}
 
-    def callback(step, *_):
+
+def previewer(channels, device):
+    """ComfyUI's latent previewer for Wan latents of `channels` channels (16: Wan 2.1 VAE, 48: Wan 2.2 VAE), picked as
+    its own KSampler picks it from the user's --preview-method: none (ComfyUI's default) -> None; taesd with
+    models/vae_approx/lighttaew2_1 (2_2) present -> that tiny video decoder; else (auto, latent2rgb, taesd without the
+    file) -> the 1x1 latent-to-RGB projection. None for other channel counts."""
+    fmt = LATENT_FORMATS.get(channels)
+    return None if fmt is None else latent_preview.get_previewer(device, fmt())
+
+
+def preview_image(latent_previewer, x0):
+    """One step's preview ("JPEG", PIL image, max size) of x0 [B, C, F, H, W]: the middle latent frame of the first
+    sample. Not frame 0: it is the causal VAE's lone first frame (one pixel frame, not four), and TI2V pins it to the
+    start image, so it would not show the video forming."""
+    mid = x0.shape[2] // 2
+    return latent_previewer.decode_latent_to_preview_image("JPEG", x0[:1, :, mid:mid + 1])
+
+
+def step_callback(total, node_id=None, channels=None, device=None):
+    """A per-step callback(step, steps, x, x0) as wan_core's samplers call it: progress bar, interrupt check (raises
+    ComfyUI's InterruptProcessingException) and, given the latent `channels` and previews on, x0's preview sent with
+    the progress update."""
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    preview = previewer(channels, device) if channels else None
+
+    def callback(step, _steps=None, _x=None, x0=None):
         mm.throw_exception_if_processing_interrupted()
-        bar.update_absolute(step + 1, total)
+        image = preview_image(preview, x0) if preview is not None and x0 is not None else None
+        bar.update_absolute(step + 1, total, image)
 
     return callback

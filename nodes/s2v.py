@@ -138,15 +138,16 @@ class WanLeanSpeechToVideo:
         get = lambda: model.load(activation_memory(model.patcher.model, shape, model.dtype))  # noqa: E731
         video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                              width=width, height=height, device=model.device, dtype=model.dtype,
-                             callback=self._progress(steps, clips, node_id))
+                             callback=self._progress(steps, clips, node_id, model))
         frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
         return (frames.to(mm.intermediate_device()), to_comfy_audio(track, audio["sample_rate"]))
 
     @staticmethod
-    def _progress(steps, clips, node_id):
-        """One bar over all clips' steps; interrupts between steps."""
-        inner, done = step_callback(steps * clips, node_id), itertools.count()
-        return lambda *_: inner(next(done))
+    def _progress(steps, clips, node_id, model):
+        """One bar over all clips' steps, with the latent preview of each step; interrupts between steps."""
+        inner = step_callback(steps * clips, node_id, model.patcher.model.out_dim, model.device)
+        done = itertools.count()
+        return lambda _step, _steps, x, x0: inner(next(done), steps * clips, x, x0)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -114,7 +114,7 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
                for h, cfg, min_t in models_cfgs]
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
                       height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,
-                      callback=step_callback(steps, node_id))
+                      callback=step_callback(steps, node_id, channels, first.device))
     for i, expert in enumerate(e for e in experts if e.cache is not None):
         logging.info("Wan Lean step cache (model %d): %s", i, expert.cache.report())
     return ({"samples": latent.cpu()},)

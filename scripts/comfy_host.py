@@ -3,18 +3,22 @@
     with ComfyServer(models_dir=".smoke/models", output_dir="output") as srv:
         entry = srv.run(api_prompt)          # queue + wait; raises ExecutionError / Interrupted
         print(srv.output_files(entry))
+        entry, messages = srv.run_listening(api_prompt)   # the same, with what /ws sent meanwhile
 
 The pack is made loadable by a symlink custom_nodes/ComfyUI-WanLean -> pack_dir; a ComfyUI-style models folder is
 made visible through a generated extra_model_paths yaml. The server runs in its own process group and is always
 stopped (SIGTERM, then SIGKILL) on exit, on error and at interpreter exit.
 """
 import atexit
+import base64
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -307,6 +311,30 @@ class ComfyServer:
         """Interrupt the running prompt."""
         self._request("/interrupt", {})
 
+    def websocket(self, features=None, timeout=60):
+        """A WebSocket on /ws for this object's client id (the prompts it queues report there). `features`: feature
+        flags sent first, as the frontend does (e.g. {"supports_preview_metadata": True}); waits for the answer."""
+        ws = WebSocket("127.0.0.1", self.port, f"/ws?clientId={self.client_id}", timeout)
+        if features is not None:
+            ws.send_text(json.dumps({"type": "feature_flags", "data": features}))
+            while not (isinstance(msg := ws.recv(), str) and json.loads(msg).get("type") == "feature_flags"):
+                pass
+        return ws
+
+    def run_listening(self, api_prompt, timeout=600, features=None):
+        """run() while listening on /ws: (history entry, messages in arrival order until the prompt ended: a dict
+        per JSON event ({"type", "data"}), bytes per binary one (previews: 4-byte event type first))."""
+        deadline, messages = time.monotonic() + timeout, []
+        with self.websocket(features, timeout) as ws:
+            prompt_id = self.queue(api_prompt)
+            while time.monotonic() < deadline:
+                msg = ws.recv()  # a silent server: TimeoutError after `timeout`; a dead one: ConnectionError
+                messages.append(json.loads(msg) if isinstance(msg, str) else msg)
+                event = messages[-1] if isinstance(msg, str) else {}
+                if event.get("type") in END_EVENTS and event["data"].get("prompt_id") == prompt_id:
+                    return self.wait(prompt_id, max(1.0, deadline - time.monotonic())), messages
+        raise TimeoutError(f"prompt did not finish within {timeout} s\n{self.log_tail()}")
+
     def free(self, unload_models=True, free_memory=True):
         """Ask the server to unload models / free memory (takes effect between prompts)."""
         self._request("/free", {"unload_models": unload_models, "free_memory": free_memory})
@@ -348,6 +376,92 @@ class ComfyServer:
     def import_errors(self):
         """Custom-node import failures found in the log ("<path>: <error>")."""
         return parse_import_errors(self.log_text(), self.host_dir)
+
+
+END_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
+
+
+class WebSocket:
+    """A minimal RFC 6455 client (stdlib), enough for ComfyUI's /ws: recv() returns str (text) or bytes (binary),
+    answers pings, raises ConnectionError when the server closes; send_text() sends masked text frames."""
+
+    def __init__(self, host, port, path, timeout=60):
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buf = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        while b"\r\n\r\n" not in self._buf:
+            self._fill()
+        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        if not head.startswith(b"HTTP/1.1 101") or accept not in head:
+            self.close()
+            raise ServerError(f"websocket upgrade refused on {path}: {head[:300]!r}")
+
+    def _fill(self):
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the websocket")
+        self._buf += chunk
+
+    def _read(self, n):
+        while len(self._buf) < n:
+            self._fill()
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out
+
+    def _frame(self):
+        """(fin, opcode, payload) of the next frame."""
+        b0, b1 = self._read(2)
+        n = b1 & 0x7F
+        if n >= 126:
+            n = struct.unpack(">H" if n == 126 else ">Q", self._read(2 if n == 126 else 8))[0]
+        mask = self._read(4) if b1 & 0x80 else None
+        data = self._read(n)
+        if mask:
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+        return b0 & 0x80, b0 & 0x0F, data
+
+    def recv(self):
+        parts, kind = [], None
+        while True:
+            fin, opcode, data = self._frame()
+            if opcode == 0x8:
+                raise ConnectionError("the server closed the websocket")
+            if opcode == 0x9:
+                self._send(0xA, data)
+                continue
+            if opcode in (0x1, 0x2):
+                kind = opcode
+            if opcode in (0x0, 0x1, 0x2):
+                parts.append(data)
+            if fin and kind is not None:
+                data = b"".join(parts)
+                return data.decode("utf-8") if kind == 0x1 else data
+
+    def _send(self, opcode, payload):
+        mask, n = os.urandom(4), len(payload)
+        head = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else
+                                         bytes([0xFE]) + struct.pack(">H", n) if n < 1 << 16 else
+                                         bytes([0xFF]) + struct.pack(">Q", n))
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+
+    def send_text(self, text):
+        self._send(0x1, text.encode("utf-8"))
+
+    def close(self):
+        try:
+            self._send(0x8, b"")
+        except OSError:
+            pass
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class _HTTPJSONError(ServerError):

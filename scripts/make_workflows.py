@@ -1,15 +1,24 @@
-"""Writes the UI-format workflows in workflows/ from the compact graph recipes below
+"""Writes the UI-format workflows in workflows/ from the compact graph recipes below, each with its template-browser
+thumbnail beside it (same stem, .jpg: what ComfyUI's frontend asks a custom node's template for)
 (run it after changing a node's widgets: `python scripts/make_workflows.py`).
 
 A recipe adds nodes to a Graph: `g.add(type, widgets, title=None, **inputs)` where inputs map an input
-name to `(node, output_name)`; slots and link ids are filled in, nodes laid out left to right.
+name to `(node, output_name)`; slots and link ids are filled in, nodes laid out left to right. `g.card` collects
+what the thumbnail says (title, size, frames, fps); the inputs it shows are read from the graph's nodes.
 """
+import functools
+import io
 import json
+import math
 import os
 import sys
 
+from PIL import Image, ImageDraw, ImageFont
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from example_inputs import NAMES as EXAMPLE_IMAGES, draw, pose_frame  # noqa: E402
 from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT  # noqa: E402
 
 # (inputs, outputs) of each node type used, as (name, type) in slot order
@@ -53,6 +62,7 @@ class Graph:
     def __init__(self):
         self.nodes, self.links = [], []
         self.column_y = {}
+        self.card = {}
 
     def place(self, ntype):
         """Left to right, PER_COLUMN nodes a column, each below the previous one's room."""
@@ -95,10 +105,17 @@ def text_side(g, prompt):
     return g.add("WanLeanTextEncode", [prompt, OFFICIAL_NEGATIVE_PROMPT], text_encoder=(te, "text_encoder"))
 
 
+def sampler(g, ntype, head, size, tail=(0.0, 0), **links):
+    """A sampler node with the widgets head + (width, height, length) + tail; the size also goes on the thumbnail."""
+    g.card["size"] = size
+    return g.add(ntype, [*head, *size, *tail], **links)
+
+
 def finish(g, vae, latent, fps, prefix):
     frames = g.add("WanLeanVAEDecode", ["auto"], vae=(vae, "vae"), latent=(latent, "latent"))
     g.add("WanLeanSaveVideo", [fps, prefix, 19], frames=(frames, "frames"))
-    return g.workflow()
+    g.card["fps"] = fps
+    return g
 
 
 TE, VAE21, VAE22 = "text_encoders/umt5_xxl_fp16.safetensors", "vae/wan_2.1_vae.safetensors", "vae/wan2.2_vae.safetensors"
@@ -106,6 +123,7 @@ TE, VAE21, VAE22 = "text_encoders/umt5_xxl_fp16.safetensors", "vae/wan_2.1_vae.s
 
 def start_graph(title, files, defaults):
     g = Graph()
+    g.card["title"] = title
     g.add("MarkdownNote", [note(title, files, defaults)], title="Model files")
     return g
 
@@ -113,10 +131,10 @@ def start_graph(title, files, defaults):
 def t2v(model_file, width, height, title):
     g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21],
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
-    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
     enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
-    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", width, height, 81, 0.0, 0],
-              model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
+    s = sampler(g, "WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc"], (width, height, 81),
+                model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, "wan/t2v")
 
 
@@ -143,13 +161,13 @@ def image_cond(g, enc, vae, imgs, size):
 def i2v_21(model_file, width, height, steps, shift, title, flf=False):
     g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "clip_vision/clip_vision_h.safetensors"],
                     f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
-    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
     enc, vae = text_side(g, I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
-    s = g.add("WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc", width, height, 81, 0.0, 0],
-              model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
+    s = sampler(g, "WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc"], (width, height, 81),
+                model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
     return finish(g, vae, s, 16, "wan/flf2v" if flf else "wan/i2v")
 
 
@@ -158,13 +176,13 @@ def a14b(kind, cfgs, shift, boundary, title):
     g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21],
                     f"Official defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} (high noise) / {cfgs[1]} (low noise), "
                     f"expert switch at timestep {boundary}x1000, 81 frames at 16 fps, 1280x720. No CLIP.")
-    high, low = (g.add("WanLeanModelLoader", [f, "default"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
+    high, low = (g.add("WanLeanModelLoader", [f, "default", "auto", "off"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
     enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     if kind == "i2v":
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
-    s = g.add("WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc", 1280, 720, 81, boundary, 0.0, 0],
-              high_noise_model=(high, "model"), low_noise_model=(low, "model"),
-              positive=(enc, "positive"), negative=(enc, "negative"))
+    s = sampler(g, "WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc"], (1280, 720, 81), (boundary, 0.0, 0),
+                high_noise_model=(high, "model"), low_noise_model=(low, "model"),
+                positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
 
 
@@ -173,12 +191,12 @@ def ti2v(with_image):
     g = start_graph(f"Wan 2.2 TI2V-5B ({'image' if with_image else 'text'} to video, 1280x704)",
                     [f"diffusion_models/{model_file}", TE, VAE22],
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 121 frames at 24 fps. Sizes: multiples of 32.")
-    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
     enc, vae = text_side(g, I2V_PROMPT if with_image else PROMPT), g.add("WanLeanVAELoader", ["wan2.2_vae.safetensors"])
     if with_image:
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 704, 121))
-    s = g.add("WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc", 1280, 704, 121, 0.0, 0],
-              model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
+    s = sampler(g, "WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc"], (1280, 704, 121),
+                model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 24, "wan/ti2v")
 
 
@@ -190,7 +208,7 @@ def s2v(title, pose=False, max_clips=1):
     g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "audio_encoders/wav2vec2_large_english_fp16.safetensors"],
                     "Official defaults: 40 UniPC steps per 80-frame clip, shift 3, guidance 4.5, 16 fps. Each clip continues "
                     "from the last 73 frames of the one before; max_clips 0 renders as many clips as the audio needs.")
-    model = g.add("WanLeanModelLoader", [model_file, "default"])
+    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
     enc, vae = text_side(g, S2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     audio_enc = g.add("WanLeanAudioEncoderLoader", ["wav2vec2_large_english_fp16.safetensors"])
     image = g.add("LoadImage", ["wan_example_start.png", "image"], title="Reference image")
@@ -205,7 +223,8 @@ def s2v(title, pose=False, max_clips=1):
               positive=(enc, "positive"), negative=(enc, "negative"), ref_image=(image, "IMAGE"), audio=(audio, "audio"),
               **extra)
     g.add("WanLeanSaveVideo", [16, "wan/s2v", 19], frames=(s, "frames"), audio=(s, "audio"))
-    return g.workflow()
+    g.card.update(size=(832, 480, "one 80-frame clip" if max_clips == 1 else "80-frame clips"), fps=16)
+    return g
 
 
 WORKFLOWS = {
@@ -224,9 +243,114 @@ WORKFLOWS = {
     "wan22_s2v_long.json": s2v("Wan 2.2 S2V-14B, long video (clips follow the audio)", max_clips=0),
 }
 
-if __name__ == "__main__":
-    for name, workflow in WORKFLOWS.items():
-        with open(os.path.join(ROOT, "workflows", name), "w", encoding="utf-8") as f:
-            json.dump(workflow, f, indent=1, ensure_ascii=False)
+THUMB_SIZE = 256  # the template browser shows square cards
+FAMILY_COLOURS = {"Wan 2.1": (52, 104, 196), "Wan 2.2": (124, 72, 190)}
+# node types that are the workflow's inputs -> their picture on the card (None: a drawn glyph)
+INPUT_PICTURES = {
+    "WanLeanTextEncode": lambda n: None,
+    "LoadImage": lambda n: draw(0.2 if n["widgets_values"][0] == EXAMPLE_IMAGES[0] else 0.8),  # example_inputs' suns
+    "WanLeanLoadAudio": lambda n: None,
+    "LoadVideo": lambda n: Image.fromarray(pose_frame(4)),
+}
+
+
+@functools.lru_cache
+def font(size):
+    return ImageFont.load_default(size)
+
+
+def wrap(d, text, size, width):
+    """Greedy word wrap to `width` pixels."""
+    lines = []
+    for word in text.split():
+        if lines and d.textlength(f"{lines[-1]} {word}", font=font(size)) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def title_parts(title):
+    """'Wan 2.2 T2V-A14B (two experts)' -> ('Wan 2.2', 'T2V-A14B', 'two experts')."""
+    words = title.split(" ", 3) + [""]
+    rest = words[3].strip()
+    if rest.startswith("(") and rest.endswith(")"):
+        rest = rest[1:-1]
+    return " ".join(words[:2]), words[2].rstrip(","), rest
+
+
+def workflow_inputs(g):
+    """[(name, picture)] of what the user gives the workflow: the prompt, images, speech, a pose video."""
+    return [(n.get("title", "prompt").split(" (")[0].lower(), INPUT_PICTURES[n["type"]](n))
+            for n in g.nodes if n["type"] in INPUT_PICTURES]
+
+
+def input_tile(d, img, x, y, name, picture, side=54):
+    """One input: its example picture (or a drawn glyph: text lines, a waveform) above its name's first word."""
+    box = [x, y, x + side, y + side]
+    if picture is not None:
+        img.paste(picture.resize((side, side)), (x, y))
+    else:
+        d.rectangle(box, fill=(46, 54, 70))
+        if name == "speech":  # a waveform: bars under a syllable-like envelope
+            for k in range(11):
+                half = 2 + 20 * abs(math.sin(0.9 * k) * math.sin(0.37 * k + 0.4))
+                bar_x = x + 7 + 4 * k
+                d.line([(bar_x, y + side / 2 - half), (bar_x, y + side / 2 + half)], fill=(120, 220, 160), width=2)
+        else:
+            for k, length in enumerate((38, 30, 42, 22)):
+                d.line([(x + 7, y + 12 + 10 * k), (x + 7 + length, y + 12 + 10 * k)], fill=(200, 205, 215), width=3)
+    d.rectangle(box, outline=(150, 160, 180))
+    d.text((x + side / 2, y + side + 4), name.split()[0], font=font(11), fill=(200, 205, 215), anchor="ma")
+
+
+def thumbnail(g):
+    """The template card, an honest title card read from the recipe: family, model, note, what goes in,
+    size / frames / fps, and a tile per input (the example images the workflow loads)."""
+    w = THUMB_SIZE
+    family, model, note_text = title_parts(g.card["title"])
+    img = Image.new("RGB", (w, w), (28, 33, 44))
+    d = ImageDraw.Draw(img)
+    d.rectangle([0, 0, w, 34], fill=FAMILY_COLOURS[family])
+    d.text((12, 17), family, font=font(18), fill="white", anchor="lm")
+    d.text((w - 12, 17), "Wan Lean", font=font(12), fill=(225, 230, 240), anchor="rm")
+    d.text((12, 42), model, font=font(30), fill="white")
+    inputs = workflow_inputs(g)
+    y = 82
+    width, height, frames = g.card["size"]
+    note_text = "" if note_text == f"{width}x{height}" else note_text
+    for text, size, colour in ((note_text, 13, (170, 180, 200)),
+                               (" + ".join(name for name, _ in inputs) + " to video", 14, (250, 200, 90))):
+        for line in wrap(d, text, size, w - 24):
+            d.text((12, y), line, font=font(size), fill=colour)
+            y += size + 4
+    frames = f"{frames} frames" if isinstance(frames, int) else frames
+    d.text((12, y + 2), f"{width}x{height} · {frames} · {g.card['fps']} fps", font=font(13), fill=(225, 230, 240))
+    for k, (name, picture) in enumerate(inputs):
+        input_tile(d, img, 12 + 62 * k, w - 76, name, picture)
+    return img
+
+
+def jpeg(img):
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80, optimize=True)
+    return buf.getvalue()
+
+
+def write_all(folder=os.path.join(ROOT, "workflows")):
+    """Write every workflow and its thumbnail into `folder`; returns the paths written."""
+    paths = []
+    for name, g in WORKFLOWS.items():
+        path = os.path.join(folder, name)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(g.workflow(), f, indent=1, ensure_ascii=False)
             f.write("\n")
-        print("wrote workflows/" + name)
+        with open(path[:-len(".json")] + ".jpg", "wb") as f:
+            f.write(jpeg(thumbnail(g)))
+        paths += [path, path[:-len(".json")] + ".jpg"]
+    return paths
+
+
+if __name__ == "__main__":
+    for written in write_all():
+        print("wrote " + os.path.relpath(written, ROOT))

@@ -1,8 +1,9 @@
 """The pack in the real ComfyUI frontend: headless Chromium (Debian's package) driven by Playwright against a real
 ComfyUI server with the pack. Every workflow in workflows/ is opened the way a user opens a file and must raise no
 dialog (missing nodes, missing models, errors) and draw no node as missing; each is saved as a screenshot under
-output/screenshots/. The pack's workflows must show in the template browser. The smoke workflow is then shrunk in its
-widgets, queued with the Run button, and its mp4 must be written and appear in the page.
+output/screenshots/. The pack's workflows must show in the template browser, each with its thumbnail loaded. The
+smoke workflow is then shrunk in its widgets, queued with the Run button, and its mp4 must be written and appear in
+the page.
 
 The browser setup (scripts/setup-browser.sh) runs on first use; when it cannot be installed the test fails under CI
 and is skipped elsewhere, both with the reason."""
@@ -200,18 +201,52 @@ def test_missing_node_is_detected(browser, tmp_path):
     _close_dialogs(page)
 
 
-def test_template_browser_shows_pack_workflows(browser):
+# the card's first <img> once it has loaded: LazyImage swaps in the frontend's default-template.png when the
+# thumbnail fails, so that one is reported as the fallback
+THUMB_JS = """card => {
+    const img = card.querySelector('img');
+    if (!img || !img.complete || !img.naturalWidth) return null;
+    const fallback = [...card.querySelectorAll('img')].some(i => i.src.includes('default-template'));
+    return {width: img.naturalWidth, height: img.naturalHeight, fallback};
+}"""
+
+
+def test_template_browser_shows_pack_workflows_with_thumbnails(browser):
+    """The pack's section of the template browser lists every workflow, each card with its own thumbnail loaded
+    (fetched from /api/workflow_templates/<pack>/<name>.jpg, 256 x 256, not the frontend's fallback picture)."""
     page, _ = browser
     _close_dialogs(page)
-    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    dialog = page.locator(DIALOG)
-    dialog.get_by_text(PACK_LINK, exact=True).first.click()
-    page.wait_for_timeout(500)
-    text = dialog.first.inner_text()
-    page.screenshot(path=os.path.join(SCREENSHOTS, "template_browser.png"))
-    _close_dialogs(page)
-    absent = [w[:-5] for w in WORKFLOWS if w[:-5] not in text]
+    fetched = {}
+
+    def record(response):
+        fetched[urllib.parse.unquote(urllib.parse.urlsplit(response.url).path)] = response.status
+
+    page.on("response", record)
+    try:
+        page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+        dialog = page.locator(DIALOG)
+        dialog.get_by_text(PACK_LINK, exact=True).first.click()
+        page.wait_for_timeout(500)
+        text = dialog.first.inner_text()
+        shown = {}
+        for stem in (w[:-5] for w in WORKFLOWS):
+            selector = f"[data-testid='template-workflow-{stem}']"
+            card = page.locator(selector)
+            if card.count():
+                card.first.scroll_into_view_if_needed()  # thumbnails load when their card comes into view
+                page.wait_for_function(f"s => ({THUMB_JS})(document.querySelector(s))", arg=selector, timeout=10_000)
+                shown[stem] = card.first.evaluate(THUMB_JS)
+        page.locator("[data-testid^='template-workflow-']").first.scroll_into_view_if_needed()  # back to the top
+        page.screenshot(path=os.path.join(SCREENSHOTS, "template_browser.png"))
+    finally:
+        page.remove_listener("response", record)
+        _close_dialogs(page)
+    absent = [w[:-5] for w in WORKFLOWS if w[:-5] not in text or w[:-5] not in shown]
     assert not absent, f"template browser section {PACK_LINK} lacks: {absent}"
+    bad = {k: v for k, v in shown.items() if v != {"width": 256, "height": 256, "fallback": False}}
+    assert not bad, f"cards without their own thumbnail: {bad}"
+    statuses = {w: fetched.get(f"/api/workflow_templates/{PACK_LINK}/{w[:-5]}.jpg") for w in WORKFLOWS}
+    assert set(statuses.values()) == {200}, f"thumbnail requests (HTTP status): {statuses}"
 
 
 def _history(server):

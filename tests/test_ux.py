@@ -1,10 +1,12 @@
 """The pack as a user meets it before running anything, read from a real ComfyUI server with only this pack installed:
 every node described and every input explained, workflows that use only this pack and ComfyUI core, notes that say
-where each model file goes, the workflows listed once in ComfyUI's template browser, and install metadata that the
-Comfy Registry / ComfyUI-Manager read (pyproject.toml, requirements.txt)."""
+where each model file goes, the workflows listed once in ComfyUI's template browser, each with its thumbnail, both
+written by scripts/make_workflows.py, and install metadata that the Comfy Registry / ComfyUI-Manager read
+(pyproject.toml, requirements.txt)."""
 import ast
 import collections
 import glob
+import io
 import json
 import os
 import re
@@ -12,7 +14,9 @@ import sys
 import urllib.parse
 import urllib.request
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import HOST, ROOT
 from comfy_host import PACK_LINK
@@ -154,6 +158,40 @@ def test_template_browser_lists_each_workflow_once(server):
     for path in WORKFLOWS:  # what the template browser fetches when the user picks one
         served = _get(server, f"/api/workflow_templates/{PACK_LINK}/{urllib.parse.quote(os.path.basename(path))}")
         assert json.loads(served) == _load(path), f"template {os.path.basename(path)} served differently"
+
+
+def test_workflows_are_what_make_workflows_writes():
+    """scripts/make_workflows.py is the single source of workflows/: every JSON and thumbnail in the folder is what it
+    writes now (thumbnails compared decoded, so another JPEG or font build cannot fail it); nothing else is there."""
+    import make_workflows
+    stems = {os.path.splitext(n)[0] for n in make_workflows.WORKFLOWS}
+    present = {f for f in os.listdir(os.path.join(ROOT, "workflows"))}
+    assert present == {s + ext for s in stems for ext in (".json", ".jpg")}, "run `python scripts/make_workflows.py`"
+    for name, graph in make_workflows.WORKFLOWS.items():
+        path = os.path.join(ROOT, "workflows", name)
+        assert _load(path) == json.loads(json.dumps(graph.workflow())), f"{name} differs: run scripts/make_workflows.py"
+        fresh = Image.open(io.BytesIO(make_workflows.jpeg(make_workflows.thumbnail(graph)))).convert("RGB")
+        committed = Image.open(path[:-5] + ".jpg").convert("RGB")
+        # a changed word moves ~1000 pixels by more than 48 levels; re-encoding at quality 60 moves ~60
+        moved = (np.abs(np.asarray(fresh, dtype=int) - np.asarray(committed, dtype=int)).max(-1) > 48).sum()
+        assert moved < 300, f"{name[:-5]}.jpg is not what make_workflows.py draws now ({moved} pixels differ): rerun it"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=os.path.basename)
+def test_workflow_has_a_small_thumbnail_served_where_the_frontend_asks(server, path):
+    """The template browser (frontend 1.32.9) shows a custom node's template with the image at
+    /api/workflow_templates/<pack folder>/<name>.jpg; ComfyUI serves the pack's workflows/ folder there."""
+    thumb = path[:-len(".json")] + ".jpg"
+    assert os.path.isfile(thumb), f"no thumbnail {os.path.basename(thumb)}: run scripts/make_workflows.py"
+    with open(thumb, "rb") as f:
+        data = f.read()
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert (image.format, image.size) == ("JPEG", (256, 256)), (image.format, image.size)
+    assert len(data) < 32_000, f"{os.path.basename(thumb)}: {len(data)} bytes"
+    url = f"{server.url}/api/workflow_templates/{PACK_LINK}/{urllib.parse.quote(os.path.basename(thumb))}"
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert resp.headers["Content-Type"] == "image/jpeg" and resp.read() == data
 
 
 def _req_names(path):
