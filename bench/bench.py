@@ -23,22 +23,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import IMPLS, dit_flops, i2v_support, runner, tokens  # noqa: E402
+from cache_sweep import sweep, sweep_table  # noqa: E402
 from common import ROOT, load_average, peak_probe, rel_diff, release_free_memory, timed  # noqa: E402
 
 _CPU = dict(device="cpu", dtype=torch.float32, vae_dtype=torch.float32, channels=16, text_dim=4096, text_tokens=64,
             batch=1, reps=5, mem=True)
-_GPU = dict(_CPU, device="cuda", dtype=torch.bfloat16, vae_dtype=torch.bfloat16, reps=3)
+_GPU = dict(_CPU, device="cuda", dtype=torch.bfloat16, vae_dtype=torch.bfloat16, reps=3, sweep_steps=30)
 CONFIGS = {
     # 768-wide, 3 layers, 1,920 tokens (384x640, 5 frames): attention ~30%, linears ~70% of the FLOPs.
     # VAE 2.1 at 1/3 of the real width (32) on 128x192x5 frames, tiled as 2 tiles across the width with a
     # 2-latent overlap (8% more pixels decoded); VAE 2.2 at 1/8 of its widths, likewise.
     "cpu-small": dict(_CPU, dim=768, ffn=3072, layers=3, grid=(2, 24, 40), sample_grid=(2, 16, 28), steps=3,
-                      vae_dim=32, vae_grid=(2, 16, 24), vae_tile=(16, 13), vae_overlap=2,
+                      sweep_steps=12, vae_dim=32, vae_grid=(2, 16, 24), vae_tile=(16, 13), vae_overlap=2,
                       vae22_dim=20, vae22_dec_dim=32, vae22_grid=(2, 8, 12), vae22_tile=(8, 7), vae22_overlap=1),
     # Real 1.3B (all 30 layers) at 832x480x81 (32,760 tokens); the real VAE on the full video.
     "gpu-1.3b": dict(_GPU, dim=1536, ffn=8960, layers=30, grid=(21, 30, 52), sample_grid=(21, 30, 52), steps=4,
                      vae_dim=96, vae_grid=(21, 60, 104), vae_tile=(32, 32), vae_overlap=8,
-                     cases=("dit_t2v", "dit_i2v", "sample", "vae_decode", "vae_encode")),
+                     cases=("dit_t2v", "dit_i2v", "sample", "vae_decode", "vae_encode", "cache_sweep")),
     # TI2V-5B width (48 latent channels), all 30 layers at 1280x704x121 (27,280 tokens); the real 2.2 VAE.
     "gpu-5b": dict(_GPU, dim=3072, ffn=14336, layers=30, channels=48, grid=(31, 22, 40), sample_grid=(31, 22, 40),
                    steps=2, vae22_dim=160, vae22_dec_dim=256, vae22_grid=(31, 44, 80), vae22_tile=(24, 24),
@@ -48,12 +49,15 @@ CONFIGS = {
                     vae_dim=96, vae_grid=(21, 90, 160), vae_tile=(48, 48), vae_overlap=8,
                     cases=("dit_t2v", "dit_i2v", "sample", "vae_decode")),
 }
-ALL_CASES = ("dit_t2v", "dit_i2v", "sample", "vae_decode", "vae_encode", "vae22_decode", "vae22_encode")
+ALL_CASES = ("dit_t2v", "dit_i2v", "sample", "vae_decode", "vae_encode", "vae22_decode", "vae22_encode",
+             "cache_sweep")
 
 
 def impls_for(case, cfg):
     """Implementations to run; native-sdpa only where ComfyUI's default attention is not SDPA already (CPU)."""
     names = IMPLS[case]
+    if cfg.get("compile") and case in ("dit_t2v", "dit_i2v", "sample"):
+        names = names[:1] + ("ours-compiled",) + names[1:]
     if torch.device(cfg["device"]).type == "cuda":
         names = tuple(n for n in names if n != "native-sdpa")
     return names
@@ -64,13 +68,14 @@ def time_case(case, cfg, cache):
     impls = impls_for(case, cfg)
     runs = {name: runner(case, name, cfg, cache) for name in impls}
     outs, times = {}, {name: [] for name in impls}
-    for name in impls:
-        _, outs[name] = timed(runs[name], cfg["device"])
+    first = {}
+    for name in impls:  # warm-up; for ours-compiled this call compiles
+        first[name], outs[name] = timed(runs[name], cfg["device"])
     for _ in range(cfg["reps"]):
         for name in impls:
             times[name].append(timed(runs[name], cfg["device"])[0])
     ref = outs["native"].float()
-    return {name: dict(seconds=statistics.median(times[name]), all_seconds=times[name],
+    return {name: dict(seconds=statistics.median(times[name]), all_seconds=times[name], first_seconds=first[name],
                        rel_diff=rel_diff(outs[name].float(), ref),
                        mean_abs_diff=(outs[name].float() - ref).abs().mean().item()) for name in impls}
 
@@ -98,8 +103,8 @@ def memory_case(case, cfg):
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     try:
         for impl in impls_for(case, cfg):
-            if impl == "native-sdpa":
-                continue  # same model and memory shape as native up to the attention
+            if impl in ("native-sdpa", "ours-compiled"):
+                continue  # same model and memory shape as native up to the attention; compiling again per child
             queue = ctx.Queue()
             proc = ctx.Process(target=_mem_child, args=(case, impl, cfg, queue))
             proc.start()
@@ -145,7 +150,7 @@ def _mb(b):
 def table(results):
     """Rows: case, impl, median seconds, time ratio to native, work / process peak MB and ratios, and the output
     difference to native: max |d| / max |native| and mean |d|."""
-    head = (f"{'case':<12} {'impl':<11} {'sec':>8} {'t/nat':>6} {'work MB':>8} {'w/nat':>6} {'proc MB':>8} "
+    head = (f"{'case':<12} {'impl':<13} {'sec':>8} {'t/nat':>6} {'work MB':>8} {'w/nat':>6} {'proc MB':>8} "
             f"{'p/nat':>6} {'max diff':>8} {'mean diff':>9} {'TFLOP/s':>8}")
     lines = [head, "-" * len(head)]
     for case, res in results.items():
@@ -155,10 +160,14 @@ def table(results):
         nat = res["native"]
         for impl, r in res.items():
             ratio = lambda k: (f"{r[k] / nat[k]:.2f}" if r.get(k) and nat.get(k) else "-")  # noqa: E731
-            lines.append(f"{case:<12} {impl:<11} {r['seconds']:>8.3f} {ratio('seconds'):>6} "
+            lines.append(f"{case:<12} {impl:<13} {r['seconds']:>8.3f} {ratio('seconds'):>6} "
                          f"{_mb(r.get('work_bytes')):>8} {ratio('work_bytes'):>6} {_mb(r.get('process_bytes')):>8} "
                          f"{ratio('process_bytes'):>6} {r['rel_diff']:>8.1e} {r['mean_abs_diff']:>9.1e} "
                          f"{r.get('tflops_per_s', float('nan')):>8.3f}" + (f"  {r['error']}" if "error" in r else ""))
+        if "ours-compiled" in res:  # its warm-up call compiled the blocks
+            r = res["ours-compiled"]
+            lines.append(f"{case:<12} ours-compiled: first call {r['first_seconds']:.1f} s, so compiling took about "
+                         f"{r['first_seconds'] - r['seconds']:.1f} s")
     return "\n".join(lines)
 
 
@@ -194,6 +203,8 @@ def main():
     ap.add_argument("--reps", type=int, default=None, help="timed repetitions per implementation (median)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-case memory subprocesses")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="add ours-compiled (torch.compile'd blocks, inductor) to "
+                                                           "the DiT and sampling cases; its first call is the compile")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config entry (python literal; dtypes by name), e.g. --set layers=1 "
                          "--set 'grid=(1,8,8)' --set dtype=bfloat16")
@@ -205,6 +216,8 @@ def main():
         cfg[key] = getattr(torch, value) if key.endswith("dtype") else ast.literal_eval(value)
     if args.reps:
         cfg["reps"] = args.reps
+    if args.compile:
+        cfg["compile"] = True
     if args.threads:
         cfg["threads"] = args.threads
         torch.set_num_threads(args.threads)
@@ -214,9 +227,12 @@ def main():
           f"{cfg['device']} {cfg['dtype']}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"load average {load_average()}", flush=True)
     results, cache = {}, {}
-    for case in cases:
+    for case in (c for c in cases if c != "cache_sweep"):
         results[case] = run_case(case, cfg, cache, args)
     print(table(results))
+    if "cache_sweep" in cases:  # ours only (cached vs uncached): its own table
+        results["cache_sweep"] = sweep(cfg, cache)
+        print(sweep_table(results["cache_sweep"], cfg["sweep_steps"]))
     goals = targets(results) if cfg["dtype"] == torch.float32 else {}  # the issue's targets are fp32 CPU ones
     for name, (value, ok) in goals.items():
         print(f"target {name}: {value} {'PASS' if ok else 'FAIL'}")

@@ -3,7 +3,8 @@
 `runner(case, impl, cfg, cache)` returns a zero-argument function whose result is the output tensor.
 Implementations: "ours" (wan_core), "native" (ComfyUI's comfy/ldm/wan classes, with the attention
 ComfyUI picks on that device: sub-quadratic on CPU, SDPA on NVIDIA), "native-sdpa" (the same native
-model with ComfyUI's pytorch attention, to isolate the attention choice), "ours-tiled" (tiled VAE decode).
+model with ComfyUI's pytorch attention, to isolate the attention choice), "ours-tiled" (tiled VAE decode),
+"ours-compiled" (DiT cases with --compile: our model with its blocks through torch.compile, wan_core.compile).
 """
 import inspect
 import math
@@ -11,6 +12,7 @@ import math
 import torch
 
 from common import build, import_comfy
+from wan_core.compile import compile_blocks
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from wan_core.tiling import tiled_decode
@@ -42,16 +44,18 @@ def _dit_kwargs(cfg, i2v):
 
 def dit_model(cfg, impl, cache, i2v=False):
     """Ours or native, same weights (fill_ keyed by name), cached per process."""
-    key = ("dit", "ours" if impl == "ours" else "native", i2v)
+    key = ("dit", impl if impl.startswith("ours") else "native", i2v)
     if key not in cache:
         dev, dt, kw = cfg["device"], cfg["dtype"], _dit_kwargs(cfg, i2v)
-        if impl == "ours":  # below fp32 with ComfyUI's casting ops, as the pack's loader runs it
+        if impl.startswith("ours"):  # below fp32 with ComfyUI's casting ops, as the pack's loader runs it
             ops = None
             if dt != torch.float32:
                 import_comfy(dev)
                 import comfy.ops
                 ops = comfy.ops.manual_cast
             cache[key] = build(lambda: WanDiT(**kw, clip_dim=1280 if i2v else None, ops=ops), dev, dt)
+            if impl == "ours-compiled":
+                compile_blocks(cache[key], "blocks")
         else:
             comfy = import_comfy(dev)
             import comfy.ops
@@ -102,7 +106,7 @@ def dit_inputs(cfg, i2v=False):
 def dit_runner(impl, cfg, cache, i2v=False):
     model = dit_model(cfg, impl, cache, i2v)
     x, t, ctx, clip = dit_inputs(cfg, i2v)
-    extra = {} if clip is None else ({"clip": clip} if impl == "ours" else {"clip_fea": clip})
+    extra = {} if clip is None else ({"clip": clip} if impl.startswith("ours") else {"clip_fea": clip})
 
     def run():
         with torch.no_grad(), _native_attention(impl, cfg):
@@ -110,8 +114,9 @@ def dit_runner(impl, cfg, cache, i2v=False):
     return run
 
 
-def sample_runner(impl, cfg, cache):
-    """The same solver (wan_core.pipeline.generate: UniPC, CFG batch of 2) driving either model."""
+def sample_runner(impl, cfg, cache, step_cache=None):
+    """The same solver (wan_core.pipeline.generate: UniPC, CFG batch of 2) driving either model; ours optionally
+    with a wan_core.cache.StepCache."""
     model = dit_model(cfg, impl, cache)
     g, (f, h, w) = _gen(cfg, 2), cfg["sample_grid"]
     cond = Cond(torch.randn(cfg["text_tokens"], cfg["text_dim"], generator=g))
@@ -121,8 +126,9 @@ def sample_runner(impl, cfg, cache):
 
     def run():
         with _native_attention(impl, cfg):
-            return generate([Expert(lambda: model, cfg=5.0)], cond, uncond, seed=0, steps=cfg["steps"], shift=5.0,
-                            sampler="unipc", device=cfg["device"], dtype=cfg["dtype"], **size)
+            return generate([Expert(lambda: model, cfg=5.0, cache=step_cache)], cond, uncond, seed=0,
+                            steps=cfg["steps"], shift=5.0, sampler="unipc", device=cfg["device"],
+                            dtype=cfg["dtype"], **size)
     return run
 
 
