@@ -29,7 +29,7 @@ from wan_core.pipeline import Cond  # noqa: E402
 if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
     raise ImportError(f"another 'wan_core' package ({sys.modules['wan_core'].__file__}) shadows this pack's")
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
-from .common import CATEGORY, compute_dtype
+from .common import CATEGORY, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
 from .sampler import activation_memory, cfg_widget, check_fit, to_cond, widgets
 
@@ -112,10 +112,10 @@ class WanLeanParallelSampler:
             "attention": (list(ATTENTION_MODES), {"default": "auto", "tooltip": "auto: Ulysses when the head count "
                                                                                "divides the devices per pass, else "
                                                                                "ring; ring: always ring attention."}),
-        }}
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-               devices, cfg_parallel, attention):
+               devices, cfg_parallel, attention, node_id=None):
         devices = parse_devices(devices)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
@@ -130,7 +130,11 @@ class WanLeanParallelSampler:
         weights = sum(p.numel() for p in net.parameters()) * dtype.itemsize
         pool = get_pool(factory, devices, cfg_parallel, attention,
                         weights + activation_memory(net, shape, dtype) // len(devices))
-        return ({"samples": pool.run(sample_job, spec, poll=mm.throw_exception_if_processing_interrupted)},)
+        here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device
+        step = step_callback(steps, node_id, net.out_dim, here)  # progress bar, interrupts, previews
+        latent = pool.run(sample_job, spec, poll=mm.throw_exception_if_processing_interrupted,
+                          progress=lambda i, n, x0: step(i, n, None, x0.to(here)))
+        return ({"samples": latent},)
 
 
 NODE_CLASS_MAPPINGS = {"WanLeanParallelSampler": WanLeanParallelSampler}

@@ -1,6 +1,6 @@
 """Wan Sampler (multi-GPU) inside a real ComfyUI server: the T2V smoke workflow with a Wan Load LoRA, its sampler
 swapped for the multi-device node on 2 CPU worker processes (ring attention, a token count that does not divide),
-saves the latent of the single-process sampler; the workers start without re-running ComfyUI's main.py;
+saves the latent of the single-process sampler and reports each step to the progress bar; the workers start without re-running ComfyUI's main.py;
 /interrupt during a run and /free after one end the workers."""
 import json
 import os
@@ -70,7 +70,10 @@ def wait_gone(server, pids, timeout=20.0):
 def test_parallel_node_in_server(server, smoke_loras):  # noqa: F811
     lora = smoke_loras[0]
     reference = latent_of(server, server.run(t2v_latent_api(server, lora, prefix="single")))
-    out = latent_of(server, server.run(t2v_latent_api(server, lora, parallel=True)))
+    entry, messages = server.run_listening(t2v_latent_api(server, lora, parallel=True))
+    out = latent_of(server, entry)
+    steps = [m["data"]["value"] for m in messages if isinstance(m, dict) and m.get("type") == "progress"]
+    assert steps == list(range(1, SIZE["steps"] + 1)), f"progress from the workers: {steps}"
     pids = workers(server)
     assert len(pids) == 2, pids
     assert out.shape == reference.shape == (1, 16, 3, 10, 18)

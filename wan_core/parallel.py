@@ -400,11 +400,16 @@ def _worker(rank, world, init_method, devices, factory, options, inbox, outbox, 
     outbox.put(("ready", rank, None))
     flag = torch.zeros(1, device=device)
 
-    def stop_check(*_):
+    def stop_check(step=None, steps=None, _x=None, x0=None):
+        """A sampler callback: every rank stops at the same step when cancelled; rank 0 reports the step and the
+        middle latent frame of x0 (what a preview shows; the whole latent would be megabytes per step)."""
         flag.fill_(float(cancel.is_set()))
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             raise Cancelled()
+        if rank == 0 and x0 is not None:
+            mid = x0.shape[2] // 2
+            outbox.put(("step", rank, (step, steps, x0[:1, :, mid:mid + 1].float().cpu())))
 
     while (job := inbox.get()) is not None:
         fn, args = job
@@ -455,7 +460,8 @@ def parse_devices(spec):
 
 class WorkerPool:
     """One worker process per device (torch.multiprocessing, spawn), each holding `factory(device)`'s models and
-    running jobs `fn(models, mesh, device, stop_check, *args)` on every rank in step; rank 0's result comes back.
+    running jobs `fn(models, mesh, device, stop_check, *args)` on every rank in step; rank 0's result comes back
+    (and its steps, when a job passes stop_check to a sampler as its callback: `progress(step, steps, x0 frame)`).
     A worker's error or death, the caller's interrupt (raised by `poll`) and `close` end every worker; a pool whose
     `key` matches the next run's is reused (the models stay loaded)."""
 
@@ -481,16 +487,17 @@ class WorkerPool:
     def alive(self):
         return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
-    def run(self, fn, *args, poll=None, timeout_s=None):
+    def run(self, fn, *args, poll=None, timeout_s=None, progress=None):
         """Run fn on every worker; returns rank 0's result. poll() is called a few times a second in the caller
-        (ComfyUI's interrupt check): whatever it raises closes the pool and propagates."""
+        (ComfyUI's interrupt check), progress(step, steps, x0 [1, C, 1, H, W]) after each sampler step: whatever
+        either raises closes the pool and propagates."""
         if not self.alive:
             raise RuntimeError("the worker pool is closed (a worker ended): start a new one")
         for inbox in self._inboxes:
             inbox.put((fn, args))
-        return self._collect("done", poll, timeout_s)[0]
+        return self._collect("done", poll, timeout_s, progress)[0]
 
-    def _collect(self, kind, poll, timeout_s):
+    def _collect(self, kind, poll, timeout_s, progress=None):
         import queue
         import time
         results, deadline = {}, None if timeout_s is None else time.monotonic() + timeout_s
@@ -510,6 +517,10 @@ class WorkerPool:
                     continue
                 if status == "error":
                     raise RuntimeError(f"parallel worker {rank} failed; all workers were stopped:\n{value}")
+                if status == "step":
+                    if progress is not None:
+                        progress(*value)
+                    continue
                 results[rank] = value
         except (RuntimeError, TimeoutError):  # a worker failed: the others may wait on it in a collective
             self.close(grace_s=1.0)
