@@ -11,6 +11,7 @@ from ..wan_core.clip import WanCLIPVision
 from ..wan_core.conditioning import clip_tokens, image_latents, to_pixels
 from ..wan_core.pipeline import check_video_size, spatial_stride
 from .common import CATEGORY, Handle, casting_ops, compute_dtype
+from .decode import encode_memory
 
 
 class WanLeanCLIPVisionLoader:
@@ -96,7 +97,7 @@ class WanLeanImageToVideo:
         check_video_size(width, height, length, 2 * spatial_stride(vae.patcher.model.z_dim))
         start = to_pixels(start_image, "start_image")
         end = None if end_image is None else to_pixels(end_image, "end_image")
-        model = vae.load()
+        model = vae.load(encode_memory((1, 3, length, height, width), vae.dtype))
         with torch.no_grad():
             y, first = image_latents(model, start.to(vae.device, vae.dtype),
                                      None if end is None else end.to(vae.device, vae.dtype), width, height, length)

@@ -17,7 +17,8 @@ from ..wan_core.s2v import WanS2V
 from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
 from ..wan_core.sampling import SAMPLERS
 from ..wan_core.wav2vec2 import Wav2Vec2
-from .common import CATEGORY, Handle, casting_ops, compute_dtype, step_callback
+from .common import CATEGORY, Handle, casting_ops, step_callback
+from .decode import decode_memory, encode_memory
 from .sampler import activation_memory, to_cond
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
@@ -68,10 +69,12 @@ class VAEOnDevice:
         self.handle = handle
 
     def encode(self, video):
-        return self.handle.load().encode(video.to(self.handle.device, self.handle.dtype))
+        model = self.handle.load(encode_memory(video.shape, self.handle.dtype))
+        return model.encode(video.to(self.handle.device, self.handle.dtype))
 
     def decode(self, latent):
-        return self.handle.load().decode(latent.to(self.handle.device, self.handle.dtype))
+        model = self.handle.load(decode_memory(latent.shape, self.handle.dtype, self.handle.patcher.model.STRIDE))
+        return model.decode(latent.to(self.handle.device, self.handle.dtype))
 
 
 def audio_features(encoder, audio, clips_wanted):

@@ -194,20 +194,67 @@ def test_block_peak_is_within_the_sampler_estimate():
     """Measured: one real-width DiT block (1.3B, bf16, CFG batch) at 1024 and 2048 tokens, in a subprocess with
     large allocations mmapped (so RSS follows the live tensors); the peak's growth per token lies within 70-100%
     of activation_memory's per-token figure (up to 5% above it: run-to-run noise)."""
-    import subprocess
-    import sys
-    code = ("import sys; sys.path[:0] = ['tests', '.']; import test_memory as t; "
-            "print(t._block_peak(int(sys.argv[1])))")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    peaks = {n: int(subprocess.run([sys.executable, "-c", code, str(n)], env=env, capture_output=True, text=True,
-                                   check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout.split()[-1])
-             for n in (1024, 2048)}
+    peaks = dict(zip((1024, 2048), _in_child("[_block_peak(n) for n in (1024, 2048)]")))
     measured = (peaks[2048] - peaks[1024]) / (2 * 1024)
     with torch.device("meta"):
         model = WanDiT(**REAL["1.3B"][0])
     estimate = pack_module("sampler").activation_memory(model, (1, 16, 1, 2, 2), torch.bfloat16) / 2
     print(f"1.3B block, bf16: peak grows {measured / 1e3:.1f} KB per token, estimate {estimate / 1e3:.1f} KB")
     assert 0.7 * estimate <= measured <= 1.05 * estimate
+
+
+def _in_child(call):
+    """The ints `call` (an expression on this module) prints in a fresh process whose large allocations are
+    mmapped, so that RSS follows the live tensors."""
+    import subprocess
+    import sys
+    code = f"import sys; sys.path[:0] = ['tests', '.']; import test_memory as t; print(t.{call})"
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    return [int(v) for v in out.split("\n")[-2].strip("[]").split(",")]
+
+
+def _rss(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+
+def _peak_of(fn):
+    """Peak RSS growth (bytes) of fn() above the RSS before it."""
+    base = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM)
+    fn()
+    return _rss("VmHWM") - base
+
+
+ENCODES, SIDE = [("2.1", 5), ("2.1", 9), ("2.2", 5)], 64
+
+
+def _encode_peaks(size=SIDE):
+    """Peak RSS growth of real-width Wan VAE encodes (fp32, random weights) of [1, 3, frames, size, size] videos."""
+    from wan_core.vae import WanVAE21
+    from wan_core.vae22 import WanVAE22
+    torch.set_num_threads(2)
+    peaks, vaes = [], {"2.1": WanVAE21, "2.2": WanVAE22}
+    for family, frames in ENCODES:
+        vae = vaes[family]().eval()
+        video = torch.rand(1, 3, frames, size, size) * 2 - 1
+        with torch.no_grad():
+            vae.encode(video[:, :, :5, :size // 2, :size // 2])  # kernels warmed up
+            peaks.append(_peak_of(lambda: vae.encode(video)))
+    return peaks
+
+
+def test_encode_estimate_covers_the_measured_peak(nodes):
+    """A real-width VAE encode (Wan 2.1 at 5 and 9 frames, 2.2 at 5; 64x64) peaks within 35-100% of encode_memory,
+    the estimate the image-to-video and S2V nodes hand to load_models_gpu."""
+    for (family, frames), measured in zip(ENCODES, _in_child("_encode_peaks()")):
+        estimate = nodes.decode.encode_memory((1, 3, frames, SIDE, SIDE), torch.float32)
+        print(f"VAE {family} encode {SIDE}x{SIDE}x{frames}: peak {measured / 2**20:.0f} MiB, "
+              f"estimate {estimate / 2**20:.0f} MiB")
+        assert 0.35 * estimate <= measured <= estimate
 
 
 def _block_peak(tokens, dim=1536, ffn=8960):
@@ -221,18 +268,9 @@ def _block_peak(tokens, dim=1536, ffn=8960):
         torch.nn.init.normal_(p, std=0.02)
     x, e0, ctx = torch.randn(2, tokens, dim), torch.randn(2, 1, 6, dim), torch.randn(2, 512, dim).bfloat16()
     rope = rope_table((tokens // 256, 16, 16), HEAD_DIM, "cpu")
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
-
     with torch.no_grad():
         block(x[:, :256].contiguous(), e0, tuple(r[:256] for r in rope), ctx)  # kernels warmed up
-        base = status("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak (VmHWM)
-        block(x, e0, rope, ctx)
-    return status("VmHWM") - base
+        return _peak_of(lambda: block(x, e0, rope, ctx))
 
 
 def test_estimates_reach_load_models_gpu_and_partial_loads_match(nodes, fake_gpu):
