@@ -31,7 +31,7 @@ if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from .common import CATEGORY, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
-from .sampler import activation_memory, cfg_widget, check_fit, to_cond, widgets
+from .sampler import activation_memory, cfg_widget, check_experts, check_fit, to_cond, widgets
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -59,6 +59,15 @@ def stand_in(memory_required):
     return patcher
 
 
+def experts(model, cfg, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875):
+    """({name: ModelSource}, [(name, cfg, min_t)]): one model, or the two A14B experts switching at boundary*1000."""
+    if low_noise_model is None:
+        return {"model": model_source(model)}, [("model", cfg, 0.0)]
+    check_experts([model, low_noise_model])
+    sources = {"high": model_source(model), "low": model_source(low_noise_model, "low_noise_model")}
+    return sources, [("high", cfg, boundary * 1000), ("low", cfg_low_noise, 0.0)]
+
+
 def get_pool(factory, devices, cfg_parallel, attention, memory_required=0):
     """The running pool when it holds these models on these devices, else a new one (the old one closed)."""
     key = (factory, tuple(devices), bool(cfg_parallel), attention)
@@ -73,14 +82,14 @@ def get_pool(factory, devices, cfg_parallel, attention, memory_required=0):
     return _POOL["pool"]
 
 
-def model_source(handle):
+def model_source(handle, name="model"):
     """The file, weight dtype and LoRAs a loaded model came from, as the workers rebuild it."""
     source = handle.extra.get("source")
     if source is None:
-        raise ValueError("model: this model carries no record of the file it was loaded from, which every worker "
+        raise ValueError(f"{name}: this model carries no record of the file it was loaded from, which every worker "
                          "loads: connect Wan Load Diffusion Model (optionally through Wan Load LoRA) to this node")
     if source["path"].endswith(".gguf") or any(getattr(m, "qtype", None) for m in handle.patcher.model.modules()):
-        raise ValueError(f"model: {os.path.basename(source['path'])} is GGUF-quantised, which the multi-device "
+        raise ValueError(f"{name}: {os.path.basename(source['path'])} is GGUF-quantised, which the multi-device "
                          "sampler does not run: load a bf16/fp16/fp8 file of the model, or use Wan Sampler")
     return ModelSource.of(source["path"], DIT_WEIGHT_DTYPES[source["weight_dtype"]], source["loras"],
                           handle.patcher.model.attention_backend)
@@ -91,7 +100,8 @@ class WanLeanParallelSampler:
                    "them (sequence parallel: Ulysses attention, or ring attention when the head count does not divide "
                    "the device count), and with cfg_parallel the prompt and negative passes run on different halves. "
                    "Each worker loads the model's file with its LoRAs and stays loaded for the next run with the same "
-                   "settings; /free (unload models) ends the workers.")
+                   "settings; /free (unload models) ends the workers. Wan 2.2 A14B: connect the high-noise expert as "
+                   "model and the low-noise one as low_noise_model (every worker then holds both).")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -112,10 +122,18 @@ class WanLeanParallelSampler:
             "attention": (list(ATTENTION_MODES), {"default": "auto", "tooltip": "auto: Ulysses when the head count "
                                                                                "divides the devices per pass, else "
                                                                                "ring; ring: always ring attention."}),
+        }, "optional": {
+            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "Wan 2.2 A14B only: the low-noise expert; `model` is then "
+                                                             "the high-noise one and `cfg` its guidance."}),
+            **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert (A14B only)"),
+            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
+                                   "tooltip": "A14B only: switch to the low-noise expert below timestep "
+                                              "boundary*1000 (official: 0.875 T2V, 0.900 I2V)."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-               devices, cfg_parallel, attention, node_id=None):
+               devices, cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875,
+               node_id=None):
         devices = parse_devices(devices)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
@@ -124,10 +142,11 @@ class WanLeanParallelSampler:
         check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)
-        factory = DiTFiles.of({"model": model_source(model)}, dtype)
-        spec = dict(experts=[("model", cfg, 0.0)], cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
+        sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
+        factory = DiTFiles.of(sources, dtype)
+        spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
-        weights = sum(p.numel() for p in net.parameters()) * dtype.itemsize
+        weights = len(sources) * sum(p.numel() for p in net.parameters()) * dtype.itemsize
         pool = get_pool(factory, devices, cfg_parallel, attention,
                         weights + activation_memory(net, shape, dtype) // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device

@@ -225,6 +225,34 @@ def test_node_pool_parity_reuse_and_crash(smoke_models, smoke_loras):
     assert (plain - ref).abs().max() > 1e-2 * ref.abs().max(), "the LoRA changed nothing"
 
 
+def test_node_a14b_pair_equals_the_a14b_sampler(smoke_models):
+    """Wan 2.2 A14B on the multi-device node (the two experts in every worker, switching at boundary*1000 with a cfg
+    each; 2 CPU workers) returns the latent of the single-process A14B sampler; experts of two variants are refused."""
+    node_module, loaders, sampler = (pack_module(n) for n in ("parallel", "loaders", "sampler"))
+    import folder_paths
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(smoke_models, "diffusion_models"))
+    high, low = (loaders.WanLeanModelLoader().load(f"wan2.2_t2v_{n}_noise_14B_fp16.safetensors", "default")[0]
+                 for n in ("high", "low"))
+    g = torch.Generator().manual_seed(9)
+    pos, neg = [[torch.randn(1, 6, 64, generator=g), {}]], [[torch.zeros(1, 3, 64), {}]]
+    args = dict(seed=5, steps=4, shift=12.0, sampler="unipc", width=64, height=48, length=5)
+    try:
+        out = node_module.WanLeanParallelSampler().sample(
+            high, pos, neg, cfg=4.0, devices="cpu:2", cfg_parallel=False, attention="auto", low_noise_model=low,
+            cfg_low_noise=3.0, boundary=0.875, **args)[0]["samples"]
+        other = loaders.WanLeanModelLoader().load("wan2.2_i2v_low_noise_14B_fp16.safetensors", "default")[0]
+        with pytest.raises(ValueError, match="low_noise_model is"):
+            node_module.WanLeanParallelSampler().sample(high, pos, neg, cfg=4.0, devices="cpu:2", cfg_parallel=False,
+                                                        attention="auto", low_noise_model=other, **args)
+    finally:
+        node_module.close_pool()
+    ref = sampler.WanLeanSamplerA14B().sample(high, low, pos, neg, cfg_high_noise=4.0, cfg_low_noise=3.0,
+                                              boundary=0.875, **args)[0]["samples"]
+    scale_close(out, ref, rel=1e-5)
+    high_only = sampler.WanLeanSampler().sample(high, pos, neg, cfg=4.0, **args)[0]["samples"]
+    assert (high_only - ref).abs().max() > 1e-2 * ref.abs().max(), "the low-noise expert changed nothing"
+
+
 def test_node_model_source(smoke_models, smoke_loras):
     """The workers' model: file, weight dtype and LoRAs from the handle (the pool key changes with each); a model
     without a source or a GGUF one is refused with a message naming the fix."""
