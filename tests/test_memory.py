@@ -208,7 +208,7 @@ def _in_child(call):
     mmapped, so that RSS follows the live tensors."""
     import subprocess
     import sys
-    code = f"import sys; sys.path[:0] = ['tests', '.']; import test_memory as t; print(t.{call})"
+    code = f"import sys; sys.path[:0] = ['tests', '.']; import test_memory as t; print(eval({call!r}, vars(t)))"
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout
