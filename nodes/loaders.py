@@ -8,7 +8,7 @@ import comfy.model_management as mm
 
 from ..wan_core import attention as attention_backends
 from ..wan_core.checkpoint import load_dit, load_vae, read_file
-from ..wan_core.compile import MODES as COMPILE_MODES, compile_blocks
+from ..wan_core.compile import MODES as COMPILE_MODES, check_toolchain, compile_blocks
 from ..wan_core.dit import WanDiT
 from ..wan_core.s2v import WanS2V, is_s2v_state_dict
 from ..wan_core.t5 import UMT5Encoder
@@ -66,7 +66,7 @@ class WanLeanModelLoader:
         }}
 
     def load(self, model_name, weight_dtype, attention="auto", compile="off"):
-        self.check_attention(attention)  # before reading the file: a kernel that is not installed fails at once
+        self.check_options(attention, compile)  # before reading the file: what cannot run here fails at once
         path = folder_paths.get_full_path_or_raise("diffusion_models", model_name)
         device = mm.get_torch_device()
         ckpt = load_dit(path, DIT_WEIGHT_DTYPES[weight_dtype])
@@ -81,11 +81,15 @@ class WanLeanModelLoader:
         return (Handle.wrap(model, device, mm.unet_offload_device(), dtype, source=source),)
 
     @staticmethod
-    def check_attention(name):
-        try:
-            attention_backends.check_backend(name)
-        except ValueError as e:
-            raise ValueError(f"Wan Load Diffusion Model, input 'attention': {e}") from None
+    def check_options(attention, compile):
+        checks = [("attention", lambda: attention_backends.check_backend(attention))]
+        if COMPILE_MODES.get(compile) is not None:
+            checks.append(("compile", lambda: check_toolchain(mm.get_torch_device())))
+        for name, check in checks:
+            try:
+                check()
+            except ValueError as e:
+                raise ValueError(f"Wan Load Diffusion Model, input '{name}': {e}") from None
 
     @staticmethod
     def partially_loaded(model):

@@ -277,3 +277,14 @@ def test_server_runs_a_workflow_with_compile_on(server):
     info = probe(next(f for f in files if f.endswith(".mp4")))
     assert (info["frames"], info["width"], info["height"]) == (5, 64, 64)
     assert "Wan Lean compile: the DiT blocks run through torch.compile (blocks, backend inductor)" in server.log_text()
+
+
+def test_compile_without_a_toolchain_is_refused_at_load(nodes, monkeypatch):
+    """No C++ compiler on the CPU: the loader names the input and the fix before reading the file; off still loads."""
+    import shutil
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="input 'compile': torch.compile on the CPU needs a C\\+\\+ compiler"):
+        nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="blocks")
+    model, = nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="off")
+    assert model.patcher.model.compiled_blocks is None

@@ -19,7 +19,10 @@ a C++ compiler (gcc/clang). A block is one graph: attention.py's per-model backe
 sequence-parallel context live in threading.locals, which dynamo traces (a ContextVar read would break the graph).
 """
 import functools
+import importlib.util
 import logging
+import os
+import shutil
 import weakref
 
 import torch
@@ -59,6 +62,20 @@ class CompiledBlocks:
                          "at a new size compiles, which takes a while", self.mode, self.backend)
         else:
             logging.info("Wan Lean compile: %s, so the DiT blocks run uncompiled", reason)
+
+
+def check_toolchain(device, backend="inductor"):
+    """A ValueError naming the fix when inductor cannot build kernels for `device` (torch.device): a C++ compiler on
+    the CPU (the CXX variable, else g++ / c++ / clang++), Triton on CUDA."""
+    if backend != "inductor":
+        return
+    if device.type == "cpu":
+        compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        if not any(c and shutil.which(c) for c in compilers):
+            raise ValueError("torch.compile on the CPU needs a C++ compiler (g++ or clang++; none is on PATH): install "
+                             "one (e.g. the build-essential package) or set compile to off")
+    elif device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        raise ValueError("torch.compile on NVIDIA GPUs needs Triton (pip install triton), or set compile to off")
 
 
 def compile_blocks(model, mode="blocks", backend="inductor", eager_when=None):
