@@ -10,6 +10,8 @@ import comfy.ops
 import comfy.utils
 import latent_preview
 
+from ..wan_core.pipeline import preview_frame
+
 CATEGORY = "Wan Lean"
 WEIGHT_DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -69,11 +71,8 @@ def previewer(channels, device):
 
 
 def preview_image(latent_previewer, x0):
-    """One step's preview ("JPEG", PIL image, max size) of x0 [B, C, F, H, W]: the middle latent frame of the first
-    sample. Not frame 0: it is the causal VAE's lone first frame (one pixel frame, not four), and TI2V pins it to the
-    start image, so it would not show the video forming."""
-    mid = x0.shape[2] // 2
-    return latent_previewer.decode_latent_to_preview_image("JPEG", x0[:1, :, mid:mid + 1])
+    """One step's preview ("JPEG", PIL image, max size) of x0 [B, C, F, H, W] (wan_core.pipeline.preview_frame)."""
+    return latent_previewer.decode_latent_to_preview_image("JPEG", preview_frame(x0))
 
 
 def step_callback(total, node_id=None, channels=None, device=None):

@@ -1,4 +1,4 @@
-"""Drive a real headless ComfyUI server (the host tree in .host/ComfyUI) from Python; stdlib only.
+"""Drive a real headless ComfyUI server (the host tree in .host/ComfyUI) from Python (stdlib, and aiohttp for /ws).
 
     with ComfyServer(models_dir=".smoke/models", output_dir="output") as srv:
         entry = srv.run(api_prompt)          # queue + wait; raises ExecutionError / Interrupted
@@ -9,16 +9,14 @@ The pack is made loadable by a symlink custom_nodes/ComfyUI-WanLean -> pack_dir;
 made visible through a generated extra_model_paths yaml. The server runs in its own process group and is always
 stopped (SIGTERM, then SIGKILL) on exit, on error and at interpreter exit.
 """
+import asyncio
 import atexit
-import base64
-import hashlib
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -315,10 +313,14 @@ class ComfyServer:
         """A WebSocket on /ws for this object's client id (the prompts it queues report there). `features`: feature
         flags sent first, as the frontend does (e.g. {"supports_preview_metadata": True}); waits for the answer."""
         ws = WebSocket("127.0.0.1", self.port, f"/ws?clientId={self.client_id}", timeout)
-        if features is not None:
-            ws.send_text(json.dumps({"type": "feature_flags", "data": features}))
-            while not (isinstance(msg := ws.recv(), str) and json.loads(msg).get("type") == "feature_flags"):
-                pass
+        try:
+            if features is not None:
+                ws.send_text(json.dumps({"type": "feature_flags", "data": features}))
+                while not (isinstance(msg := ws.recv(), str) and json.loads(msg).get("type") == "feature_flags"):
+                    pass
+        except BaseException:
+            ws.close()
+            raise
         return ws
 
     def run_listening(self, api_prompt, timeout=600, features=None):
@@ -382,80 +384,45 @@ END_EVENTS = ("execution_success", "execution_error", "execution_interrupted")
 
 
 class WebSocket:
-    """A minimal RFC 6455 client (stdlib), enough for ComfyUI's /ws: recv() returns str (text) or bytes (binary),
-    answers pings, raises ConnectionError when the server closes; send_text() sends masked text frames."""
+    """A client of ComfyUI's /ws: aiohttp's (a ComfyUI requirement, so there wherever the host runs), driven
+    synchronously on a private event loop. recv() returns str (text) or bytes (binary) and raises ConnectionError
+    once the server closes, TimeoutError after `timeout` s of silence; aiohttp answers pings."""
 
     def __init__(self, host, port, path, timeout=60):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self._buf = b""
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-        while b"\r\n\r\n" not in self._buf:
-            self._fill()
-        head, self._buf = self._buf.split(b"\r\n\r\n", 1)
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
-        if not head.startswith(b"HTTP/1.1 101") or accept not in head:
-            self.close()
-            raise ServerError(f"websocket upgrade refused on {path}: {head[:300]!r}")
+        self.timeout, self._loop = timeout, asyncio.new_event_loop()
+        try:
+            self._session, self._ws = self._loop.run_until_complete(self._open(f"http://{host}:{port}{path}"))
+        except Exception as e:
+            self._loop.close()
+            raise ServerError(f"websocket upgrade refused on {path}: {e}") from None
 
-    def _fill(self):
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the websocket")
-        self._buf += chunk
-
-    def _read(self, n):
-        while len(self._buf) < n:
-            self._fill()
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def _frame(self):
-        """(fin, opcode, payload) of the next frame."""
-        b0, b1 = self._read(2)
-        n = b1 & 0x7F
-        if n >= 126:
-            n = struct.unpack(">H" if n == 126 else ">Q", self._read(2 if n == 126 else 8))[0]
-        mask = self._read(4) if b1 & 0x80 else None
-        data = self._read(n)
-        if mask:
-            data = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
-        return b0 & 0x80, b0 & 0x0F, data
+    async def _open(self, url):
+        import aiohttp
+        session = aiohttp.ClientSession()
+        try:
+            return session, await session.ws_connect(url, timeout=aiohttp.ClientWSTimeout(ws_close=self.timeout))
+        except BaseException:
+            await session.close()
+            raise
 
     def recv(self):
-        parts, kind = [], None
-        while True:
-            fin, opcode, data = self._frame()
-            if opcode == 0x8:
-                raise ConnectionError("the server closed the websocket")
-            if opcode == 0x9:
-                self._send(0xA, data)
-                continue
-            if opcode in (0x1, 0x2):
-                kind = opcode
-            if opcode in (0x0, 0x1, 0x2):
-                parts.append(data)
-            if fin and kind is not None:
-                data = b"".join(parts)
-                return data.decode("utf-8") if kind == 0x1 else data
-
-    def _send(self, opcode, payload):
-        mask, n = os.urandom(4), len(payload)
-        head = bytes([0x80 | opcode]) + (bytes([0x80 | n]) if n < 126 else
-                                         bytes([0xFE]) + struct.pack(">H", n) if n < 1 << 16 else
-                                         bytes([0xFF]) + struct.pack(">Q", n))
-        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        import aiohttp
+        msg = self._loop.run_until_complete(self._ws.receive(timeout=self.timeout))
+        if msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+            return msg.data
+        raise ConnectionError(f"the server closed the websocket ({msg.type.name})")
 
     def send_text(self, text):
-        self._send(0x1, text.encode("utf-8"))
+        self._loop.run_until_complete(self._ws.send_str(text))
 
     def close(self):
-        try:
-            self._send(0x8, b"")
-        except OSError:
-            pass
-        self.sock.close()
+        if not self._loop.is_closed():
+            self._loop.run_until_complete(self._close())
+            self._loop.close()
+
+    async def _close(self):
+        await self._ws.close()
+        await self._session.close()
 
     def __enter__(self):
         return self

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .attention import attention
+from .pipeline import preview_frame
 
 ATTENTION_MODES = ("auto", "ulysses", "ring")
 # the active SequenceParallel of this thread (a threading.local, not a ContextVar: torch.compile traces its read)
@@ -408,8 +409,7 @@ def _worker(rank, world, init_method, devices, factory, options, inbox, outbox, 
         if flag.item():
             raise Cancelled()
         if rank == 0 and x0 is not None:
-            mid = x0.shape[2] // 2
-            outbox.put(("step", rank, (step, steps, x0[:1, :, mid:mid + 1].float().cpu())))
+            outbox.put(("step", rank, (step, steps, preview_frame(x0).float().cpu())))
 
     while (job := inbox.get()) is not None:
         fn, args = job
@@ -481,7 +481,7 @@ class WorkerPool:
         with _bare_main():  # jobs and factories come from importable modules, never from __main__
             for p in self.procs:
                 p.start()
-        self._collect("ready", poll, start_timeout_s)
+        self._collect(poll, start_timeout_s)  # every worker ready
 
     @property
     def alive(self):
@@ -495,9 +495,9 @@ class WorkerPool:
             raise RuntimeError("the worker pool is closed (a worker ended): start a new one")
         for inbox in self._inboxes:
             inbox.put((fn, args))
-        return self._collect("done", poll, timeout_s, progress)[0]
+        return self._collect(poll, timeout_s, progress)[0]
 
-    def _collect(self, kind, poll, timeout_s, progress=None):
+    def _collect(self, poll, timeout_s, progress=None):
         import queue
         import time
         results, deadline = {}, None if timeout_s is None else time.monotonic() + timeout_s

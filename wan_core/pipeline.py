@@ -67,6 +67,14 @@ class Cond:
     first_frame: Optional[torch.Tensor] = None
 
 
+def preview_frame(x0):
+    """What a step's preview shows of x0 [B, C, F, H, W]: the first sample's middle latent frame [1, C, 1, H, W].
+    Not frame 0: it is the causal VAE's lone first frame (one pixel frame, not four), and TI2V pins it to the start
+    image, so it would not show the video forming."""
+    mid = x0.shape[2] // 2
+    return x0[:1, :, mid:mid + 1]
+
+
 @dataclass
 class Expert:
     """A model used for every step whose timestep is >= min_t; `get` returns it ready on the device
