@@ -6,7 +6,7 @@ RMS norms (`normalize * sqrt(C) * gamma`), chunked processing with a per-conv ca
 normalisation z = (mu - mean) / std inside the wrapper, decoded pixels clamped to [-1, 1].
 State-dict keys are the official ones (`encoder.*`, `conv1.*`, `conv2.*`, `decoder.*`).
 """
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn as nn
@@ -78,23 +78,53 @@ def _tail(x, prev):
 
 
 def _cached_conv(conv, x, cache):
-    """Causal conv: kt-1 frames of left context (the previous chunk's last frames, zeros before the first chunk)
-    joined to x in one copy; the 'same' spatial zero padding is the conv's own (`_conv3d`), so nothing else is
-    copied, and the old context is dropped before the conv runs."""
+    """Causal conv: kt-1 frames of left context (the previous chunk's last frames, zeros before the first chunk) and
+    the 'same' spatial zero padding (`conv.spatial_pad`), written with x into one zero-filled buffer: one copy, as the
+    time context alone costs. Padding the input rather than inside the conv keeps CPU convolutions on oneDNN, whose
+    choice (`use_mkldnn`: batch x channels x frames x height > 20480 for fp32) the padded height can tip; the old
+    context is dropped before the conv runs."""
     prev = cache.get()
     cache.put(_tail(x, prev))
-    left = conv.kernel_size[0] - 1 - (0 if prev is None else prev.shape[2])
-    parts = ([x.new_zeros(*x.shape[:2], left, *x.shape[3:])] if left > 0 else []) + ([] if prev is None else [prev.to(x)])
-    if parts:
-        x = torch.cat(parts + [x], dim=2)
-    del parts, prev
-    return conv(x)
+    ph, pw = conv.spatial_pad
+    ctx = 0 if prev is None else prev.shape[2]
+    left = max(conv.kernel_size[0] - 1 - ctx, 0)
+    if not (left or ctx or ph or pw):
+        return conv(x)
+    b, c, t, h, w = x.shape
+    buf = x.new_zeros(b, c, left + ctx + t, h + 2 * ph, w + 2 * pw)
+    if prev is not None:
+        buf[:, :, left:left + ctx, ph:ph + h, pw:pw + w] = prev
+    buf[:, :, left + ctx:, ph:ph + h, pw:pw + w] = x
+    del prev
+    return conv(buf)
+
+
+class _OneDNNOnCPU:
+    """Mixin for a Conv3d class: fp32 on the CPU always through oneDNN. PyTorch picks its unfolding kernel instead
+    for inputs with batch x channels x frames x height <= 20480, which the VAE's causal chunks (a few frames each)
+    often are: 1.3-5x slower at those shapes, within 1e-6 of the output scale of each other."""
+
+    def _conv_forward(self, input, weight, bias, *args, **kwargs):
+        if input.device.type == "cpu" and input.dtype == weight.dtype == torch.float32 and _ONEDNN:
+            return torch.ops.aten.mkldnn_convolution(input, weight, bias, self.padding, self.stride, self.dilation,
+                                                     self.groups)
+        return super()._conv_forward(input, weight, bias, *args, **kwargs)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+@lru_cache(maxsize=None)
+def _conv3d_class(base):
+    return type(base.__name__, (_OneDNNOnCPU, base), {})
 
 
 def _conv3d(ops, cin, cout, k, stride=1):
-    """Conv3d with 'same' spatial zero padding and none in time; `_cached_conv` adds the causal time context."""
+    """Conv3d without padding; `spatial_pad` is the 'same' zero padding `_cached_conv` adds with the time context."""
     _, kh, kw = (k, k, k) if isinstance(k, int) else k
-    return ops.Conv3d(cin, cout, k, stride=stride, padding=(0, kh // 2, kw // 2))
+    conv = _conv3d_class(ops.Conv3d)(cin, cout, k, stride=stride)
+    conv.spatial_pad = (kh // 2, kw // 2)
+    return conv
 
 
 def _per_frame(fn, x):
@@ -107,7 +137,10 @@ def _per_frame(fn, x):
 # ----------------------------------------------------------------------------- layers
 
 class RMS_norm(nn.Module):
-    """Channel RMS norm: F.normalize over dim 1 * sqrt(C) * gamma (+ bias); gamma cast to x at use."""
+    """Channel RMS norm: x / max(||x||_C, 1e-12) * sqrt(C) * gamma (+ bias), as F.normalize; gamma cast to x at use.
+    Always returns a new tensor (callers apply SiLU in place). fp32: one factor per pixel, sqrt(C) / ||x|| from a
+    sum of squares, then two passes over x (a third of F.normalize's time on the CPU, where its strided channel
+    reduction is slow; within 1e-7 of it); other dtypes: F.normalize's own fp32-accumulated norm."""
 
     def __init__(self, dim, images=False, bias=False):
         super().__init__()
@@ -117,8 +150,12 @@ class RMS_norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(shape)) if bias else None
 
     def forward(self, x):
-        y = F.normalize(x, dim=1) * self.scale * self.gamma.to(x)
-        return y if self.bias is None else y + self.bias.to(x)
+        if x.dtype == torch.float32:
+            factor = x.square().sum(1, keepdim=True).clamp_min_(1e-24).rsqrt_().mul_(self.scale)
+            y = (x * factor).mul_(self.gamma.to(x))
+        else:
+            y = F.normalize(x, dim=1) * self.scale * self.gamma.to(x)
+        return y if self.bias is None else y.add_(self.bias.to(x))
 
 
 class ResidualBlock(nn.Module):
@@ -134,8 +171,8 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x, cache):
         norm1, _, conv1, norm2, _, _, conv2 = self.residual
-        h = _cached_conv(conv1, F.silu(norm1(x)), cache)
-        h = _cached_conv(conv2, F.silu(norm2(h)), cache)
+        h = _cached_conv(conv1, F.silu(norm1(x), inplace=True), cache)
+        h = _cached_conv(conv2, F.silu(norm2(h), inplace=True), cache)
         return h + self.shortcut(x)
 
 
@@ -217,7 +254,7 @@ class _Coder(nn.Module):
         x = _cached_conv(self.conv1, x, cache)
         for block in self.blocks():
             x = block(x, cache)
-        return _cached_conv(self.head[2], F.silu(self.head[0](x)), cache)
+        return _cached_conv(self.head[2], F.silu(self.head[0](x), inplace=True), cache)
 
 
 def _stage_specs(dims, temporal):
