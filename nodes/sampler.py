@@ -72,6 +72,13 @@ def check_memory(handle, shape):
                          f"the device has {total / 2**30:.0f} GiB: lower width, height or length")
 
 
+SAMPLER = (list(SAMPLERS), {"default": "unipc", "tooltip": (
+    "unipc is the official solver (dpm++ and euler on the official schedules). For step-distilled models and LoRAs "
+    "(lightx2v, Wan2.2-Lightning: 4 steps, cfg 1, shift 5): euler-distilled (Wan 2.2 Lightning's solver) or "
+    "lcm-distilled (lightx2v's Wan 2.1 solver: fresh seeded noise each step), both on shift(linspace(1, 0)) with the "
+    "float training timesteps (1000, 937.5, 833.3, 625 at 4 steps).")})
+
+
 def widgets(steps, cfg, shift):
     """The shared widgets; defaults are the official ones for the node's models."""
     return {
@@ -80,7 +87,7 @@ def widgets(steps, cfg, shift):
         **cfg,
         "shift": ("FLOAT", {"default": shift, "min": 0.1, "max": 30.0, "step": 0.1,
                             "tooltip": f"Timestep shift s*sigma/(1+(s-1)*sigma) (official: {shift})."}),
-        "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
+        "sampler": SAMPLER,
         "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
                           "tooltip": "Video width: a multiple of 16 (32 for TI2V-5B)."}),
         "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,

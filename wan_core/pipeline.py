@@ -36,9 +36,11 @@ def latent_shape(width, height, length, channels=16, batch=1):
     return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
-def initial_noise(shape, seed):
-    """Seeded Gaussian noise from a CPU generator (the same on every device)."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+def initial_noise(shape, seed, generator=None):
+    """Seeded Gaussian noise from a CPU generator (the same on every device). Pass `generator` (a CPU
+    torch.Generator) to keep drawing from it afterwards: lcm-distilled takes its fresh noise from the same stream."""
+    generator = generator if generator is not None else torch.Generator("cpu")
+    return torch.randn(shape, generator=generator.manual_seed(seed), dtype=torch.float32)
 
 
 def pad_context(ctx, length=512):
@@ -129,10 +131,11 @@ def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, heigh
              device="cpu", dtype=torch.float32, callback=None):
     """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride)."""
     check_video_size(width, height, length, 2 * spatial_stride(channels))
-    x = initial_noise(latent_shape(width, height, length, channels), seed).to(device)
+    generator = torch.Generator("cpu")
+    x = initial_noise(latent_shape(width, height, length, channels), seed, generator).to(device)
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
-        x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback)
+        x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback, generator=generator)
     if cond.first_frame is not None:
         x[:, :, :1] = cond.first_frame.to(x)
     return x

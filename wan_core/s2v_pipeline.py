@@ -75,10 +75,12 @@ def generate_s2v(get_model: Callable, vae, job: S2VJob, *, clips, seed, steps, c
         motion = None if clip == 0 else vae.encode(history.to(device))
         if on_clip:
             on_clip(clip, clips, motion)
-        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip).to(device)
+        generator = torch.Generator("cpu")
+        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip, generator).to(device)
         denoise = s2v_denoiser(get_model(), job, clip, motion, cfg, dtype)
         with torch.no_grad():
-            latent = sample(denoise, noise, sampler=sampler, steps=steps, shift=shift, callback=callback)
+            latent = sample(denoise, noise, sampler=sampler, steps=steps, shift=shift, callback=callback,
+                            generator=generator)
             first = job.ref_latent if clip == 0 else motion
             video = vae.decode(torch.cat([first.to(latent), latent], dim=2))[:, :, -CLIP_FRAMES:]
         if clip == 0:
