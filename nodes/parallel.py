@@ -8,6 +8,7 @@ kept while model, LoRAs, devices and layout stay the same. It is closed on an in
 exit, and whenever ComfyUI unloads it: a weightless stand-in model sits in ComfyUI's memory manager on its main
 device, so /free (unload models), or another model needing that device's memory, ends the workers."""
 import atexit
+import logging
 import os
 import sys
 
@@ -143,6 +144,10 @@ class WanLeanParallelSampler:
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)
         sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
+        if cfg_parallel and all(g == 1.0 for _, g, _ in plan):
+            logging.warning("Wan Sampler (multi-GPU): cfg 1 has no negative pass to put on the other half of the "
+                            "devices, so cfg_parallel makes both halves run the same pass: turn it off to split the "
+                            "video over all of them")
         factory = DiTFiles.of(sources, dtype)
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
