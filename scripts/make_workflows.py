@@ -149,6 +149,7 @@ LIGHTX2V_NOTE = ("4-step preset with the lightx2v step/CFG-distillation LoRA (st
                  "lightx2v's Wan2.1-{}-StepDistill-CfgDistill model, the name ComfyUI's templates use): 4 steps, cfg 1 "
                  "(no negative pass), shift 5, lcm-distilled (lightx2v's own Wan 2.1 step: fresh noise each step, "
                  "timesteps 1000/937.5/833.3/625); euler-distilled also works. 81 frames at 16 fps.")
+LIGHTX2V_SAMPLER = [0, "fixed", 4, 1.0, 5.0, "lcm-distilled"]  # seed, control, steps, cfg, shift, sampler
 
 
 def t2v(model_file, width, height, title, lora=None):
@@ -157,7 +158,7 @@ def t2v(model_file, width, height, title, lora=None):
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
     model = model_loader(g, model_file, lora and (lora, 1.0))
     enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
-    head = [0, "fixed", 4, 1.0, 5.0, "lcm-distilled"] if lora else [0, "fixed", 50, 5.0, 5.0, "unipc"]
+    head = LIGHTX2V_SAMPLER if lora else [0, "fixed", 50, 5.0, 5.0, "unipc"]
     s = sampler(g, "WanLeanSampler", head, (width, height, 81),
                 model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, "wan/t2v")
@@ -193,7 +194,7 @@ def i2v_21(model_file, width, height, steps, shift, title, flf=False, lora=None)
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
-    head = [0, "fixed", 4, 1.0, 5.0, "lcm-distilled"] if lora else [0, "fixed", steps, 5.0, shift, "unipc"]
+    head = LIGHTX2V_SAMPLER if lora else [0, "fixed", steps, 5.0, shift, "unipc"]
     s = sampler(g, "WanLeanSampler", head, (width, height, 81),
                 model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
     return finish(g, vae, s, 16, "wan/flf2v" if flf else "wan/i2v")
