@@ -144,7 +144,8 @@ class WanLeanParallelSampler:
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)
         sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
-        if cfg_parallel and all(g == 1.0 for _, g, _ in plan):
+        batch = max(passes(g) for _, g, _ in plan)
+        if cfg_parallel and batch == 1:
             logging.warning("Wan Sampler (multi-GPU): cfg 1 has no negative pass to put on the other half of the "
                             "devices, so cfg_parallel makes both halves run the same pass: turn it off to split the "
                             "video over all of them")
@@ -152,7 +153,7 @@ class WanLeanParallelSampler:
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
         weights = len(sources) * sum(p.numel() for p in net.parameters()) * dtype.itemsize
-        act = activation_memory(net, shape, dtype, max(passes(g) for _, g, _ in plan))
+        act = activation_memory(net, shape, dtype, batch)
         pool = get_pool(factory, devices, cfg_parallel, attention, weights + act // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device
         step = step_callback(steps, node_id, net.out_dim, here)  # progress bar, interrupts, previews

@@ -7,14 +7,14 @@ import torch
 import comfy.model_management as mm
 
 from ..wan_core import cache
-from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, latent_shape, spatial_stride
+from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, guided, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
 from .common import CATEGORY, step_callback
 
 
 def passes(cfg):
     """DiT passes a step batches: prompt and negative, or the prompt alone at cfg 1 (no negative pass)."""
-    return 1 if cfg == 1.0 else 2
+    return 2 if guided(cfg) else 1
 
 
 def activation_memory(model, shape, dtype, batch=2):

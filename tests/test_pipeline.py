@@ -101,9 +101,11 @@ def test_distilled_a14b_four_steps_cfg1(boundary):
 
 
 def test_cfg_above_1_batches_the_negative_pass():
-    """The other side of the skip: cfg != 1 runs prompt and negative as one batch of 2 per step."""
-    log = []
-    model = recorder(tiny(0), log, "m")
-    generate([Expert(lambda: model, cfg=1.5)], Cond(text()), Cond(text()), seed=0, steps=2, shift=5.0,
-             sampler="lcm-distilled", width=32, height=32, length=1)
-    assert [b for _, b, _ in log] == [2, 2]
+    """The other side of the skip: cfg != 1 runs prompt and negative as one batch of 2 per step; a float widget's
+    1.0000000000000002 counts as 1 (within 1e-6, as Lightning's use_cfg)."""
+    for cfg, batch in ((1.5, 2), (1.0000000000000002, 1), (1.001, 2)):
+        log = []
+        model = recorder(tiny(0), log, "m")
+        generate([Expert(lambda: model, cfg=cfg)], Cond(text()), Cond(text()), seed=0, steps=2, shift=5.0,
+                 sampler="lcm-distilled", width=32, height=32, length=1)
+        assert [b for _, b, _ in log] == [batch, batch], cfg
