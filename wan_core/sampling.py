@@ -199,7 +199,7 @@ _SOLVERS = {"unipc": _UniPC, "dpm++": _DPMpp2M, "euler": _Euler, "euler-distille
 def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, generator=None):
     """Integrate from noise x (sigma ~ 1) to sigma 0; returns x0 in x's dtype.
 
-    denoise(x_t float32, sigma: float, timestep: 0-dim tensor, int64 or for the distilled samplers float64)
+    denoise(x_t float32, sigma: float, timestep: 0-dim CPU tensor, int64 or for the distilled samplers float64)
     -> velocity (CFG done by the caller). callback(i, steps, x_next, x0_pred) after each step; exceptions
     propagate (interrupts). Euler runs on the UniPC schedule. generator: the CPU torch.Generator lcm-distilled
     draws its fresh noise from (the one that made x, so a seed fixes the whole run; default: seeded 0).
@@ -209,7 +209,6 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, gene
         solver = _Renoise(sigmas.tolist(), generator or torch.Generator("cpu").manual_seed(0))
     else:
         solver = _SOLVERS[sampler](sigmas.tolist())
-    timesteps = timesteps.to(x.device)
     xt = x.to(torch.float32)
     for i in range(steps):
         sigma = float(sigmas[i])
