@@ -206,7 +206,7 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, gene
     """
     sigmas, timesteps = schedule(sampler, steps, shift)
     if sampler == "lcm-distilled":
-        solver = _Renoise(sigmas.tolist(), generator or torch.Generator("cpu").manual_seed(0))
+        solver = _Renoise(sigmas.tolist(), generator if generator is not None else torch.Generator().manual_seed(0))
     else:
         solver = _SOLVERS[sampler](sigmas.tolist())
     xt = x.to(torch.float32)
