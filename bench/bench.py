@@ -53,6 +53,16 @@ ALL_CASES = ("dit_t2v", "dit_i2v", "sample", "vae_decode", "vae_encode", "vae22_
              "cache_sweep")
 
 
+def with_overrides(cfg, items):
+    """A copy of cfg with --set KEY=VALUE items applied (python literals; keys ending in dtype take a torch dtype name)."""
+    import ast
+    cfg = dict(cfg)
+    for item in items:
+        key, _, value = item.partition("=")
+        cfg[key] = getattr(torch, value) if key.endswith("dtype") else ast.literal_eval(value)
+    return cfg
+
+
 def impls_for(case, cfg):
     """Implementations to run; native-sdpa only where ComfyUI's default attention is not SDPA already (CPU)."""
     names = IMPLS[case]
@@ -209,11 +219,7 @@ def main():
                     help="override a config entry (python literal; dtypes by name), e.g. --set layers=1 "
                          "--set 'grid=(1,8,8)' --set dtype=bfloat16")
     args = ap.parse_args()
-    cfg = dict(CONFIGS[args.config])
-    for item in args.set:
-        key, _, value = item.partition("=")
-        import ast
-        cfg[key] = getattr(torch, value) if key.endswith("dtype") else ast.literal_eval(value)
+    cfg = with_overrides(CONFIGS[args.config], args.set)
     if args.reps:
         cfg["reps"] = args.reps
     if args.compile:

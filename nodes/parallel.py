@@ -8,6 +8,7 @@ kept while model, LoRAs, devices and layout stay the same. It is closed on an in
 exit, and whenever ComfyUI unloads it: a weightless stand-in model sits in ComfyUI's memory manager on its main
 device, so /free (unload models), or another model needing that device's memory, ends the workers."""
 import atexit
+import logging
 import os
 import sys
 
@@ -31,7 +32,7 @@ if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from .common import CATEGORY, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
-from .sampler import activation_memory, cfg_widget, check_experts, check_fit, to_cond, widgets
+from .sampler import activation_memory, cfg_widget, check_experts, check_fit, passes, to_cond, widgets
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -143,12 +144,17 @@ class WanLeanParallelSampler:
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)
         sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
+        batch = max(passes(g) for _, g, _ in plan)
+        if cfg_parallel and batch == 1:
+            logging.warning("Wan Sampler (multi-GPU): cfg 1 has no negative pass to put on the other half of the "
+                            "devices, so cfg_parallel makes both halves run the same pass: turn it off to split the "
+                            "video over all of them")
         factory = DiTFiles.of(sources, dtype)
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
         weights = len(sources) * sum(p.numel() for p in net.parameters()) * dtype.itemsize
-        pool = get_pool(factory, devices, cfg_parallel, attention,
-                        weights + activation_memory(net, shape, dtype) // len(devices))
+        act = activation_memory(net, shape, dtype, batch)
+        pool = get_pool(factory, devices, cfg_parallel, attention, weights + act // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device
         step = step_callback(steps, node_id, net.out_dim, here)  # progress bar, interrupts, previews
         latent = pool.run(sample_job, spec, poll=mm.throw_exception_if_processing_interrupted,

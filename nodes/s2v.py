@@ -15,11 +15,10 @@ from ..wan_core.conditioning import fit, to_pixels
 from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
 from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
-from ..wan_core.sampling import SAMPLERS
 from ..wan_core.wav2vec2 import Wav2Vec2
 from .common import CATEGORY, Handle, casting_ops, step_callback
 from .decode import decode_memory, encode_memory
-from .sampler import activation_memory, to_cond
+from .sampler import SAMPLER, activation_memory, passes, to_cond
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
 
@@ -116,7 +115,7 @@ class WanLeanSpeechToVideo:
             "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 20.0, "step": 0.1,
                               "tooltip": "Guidance; the negative branch also gets silent audio (official: 4.5)."}),
             "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 30.0, "step": 0.1, "tooltip": "Timestep shift (official: 3)."}),
-            "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
+            "sampler": SAMPLER,
             "max_clips": ("INT", {"default": 0, "min": 0, "max": 1000,
                                   "tooltip": "0: as many 80-frame clips as the audio needs; else at most this many."}),
         }, "optional": {
@@ -138,7 +137,8 @@ class WanLeanSpeechToVideo:
                 pose = pose_latents(coder, frames, width, height, clips)
         job = S2VJob(to_cond(positive, "positive").context, to_cond(negative, "negative").context, feats, ref, pose)
         shape = (1, 16, 20 + 19 + 1, height // 8, width // 8)
-        get = lambda: model.load(activation_memory(model.patcher.model, shape, model.dtype))  # noqa: E731
+        act = activation_memory(model.patcher.model, shape, model.dtype, passes(cfg))
+        get = lambda: model.load(act)  # noqa: E731
         video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                              width=width, height=height, device=model.device, dtype=model.dtype,
                              callback=self._progress(steps, clips, node_id, model))

@@ -7,19 +7,25 @@ import torch
 import comfy.model_management as mm
 
 from ..wan_core import cache
-from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, latent_shape, spatial_stride
+from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, guided, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
 from .common import CATEGORY, step_callback
 
 
-def activation_memory(model, shape, dtype):
-    """Peak activations of one CFG-batched forward (2 x tokens, patch 1x2x2), per token: the fp32 residual stream
-    and its normalised copy (8 x dim bytes) + in the compute dtype one dim-wide tensor and three ffn-wide ones (the
-    FFN's hidden state, its GELU and the matmul's buffer). One block's peak, measured in bf16 (CPU, RSS), grows by
-    69 KB per token for 1.3B and 134 KB for 14B; so does this estimate (tests/test_memory.py)."""
+def passes(cfg):
+    """DiT passes a step batches: prompt and negative, or the prompt alone at cfg 1 (no negative pass)."""
+    return 2 if guided(cfg) else 1
+
+
+def activation_memory(model, shape, dtype, batch=2):
+    """Peak activations of one forward of `batch` passes (2: CFG-batched; 1 at cfg 1, no negative pass) x tokens
+    (patch 1x2x2), per token and pass: the fp32 residual stream and its normalised copy (8 x dim bytes) + in the
+    compute dtype one dim-wide tensor and three ffn-wide ones (the FFN's hidden state, its GELU and the matmul's
+    buffer). One block's peak with the CFG batch, measured in bf16 (CPU, RSS), grows by 69 KB per token for 1.3B
+    and 134 KB for 14B; so does this estimate (tests/test_memory.py)."""
     tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
     size = torch.finfo(dtype).bits // 8
-    return 2 * tokens * (8 * model.dim + size * (model.dim + 3 * model.blocks[0].ffn[0].out_features))
+    return batch * tokens * (8 * model.dim + size * (model.dim + 3 * model.blocks[0].ffn[0].out_features))
 
 
 def to_cond(conditioning, name):
@@ -63,13 +69,20 @@ def check_experts(handles):
                          "one Wan 2.2 A14B model (..._high_noise_... and ..._low_noise_...)")
 
 
-def check_memory(handle, shape):
+def check_memory(handle, shape, batch=2):
     """Refuse up front what cannot fit: the activation estimate against the device's total memory."""
-    need = activation_memory(handle.patcher.model, shape, handle.dtype)
+    need = activation_memory(handle.patcher.model, shape, handle.dtype, batch)
     total = mm.get_total_memory(handle.device)
     if need > total:
         raise ValueError(f"this size and length need about {need / 2**30:.0f} GiB for the sampler's activations but "
                          f"the device has {total / 2**30:.0f} GiB: lower width, height or length")
+
+
+SAMPLER = (list(SAMPLERS), {"default": "unipc", "tooltip": (
+    "unipc is the official solver (dpm++ and euler on the official schedules). For step-distilled models and LoRAs "
+    "(lightx2v, Wan2.2-Lightning: 4 steps, cfg 1, shift 5): euler-distilled (Wan 2.2 Lightning's solver) or "
+    "lcm-distilled (lightx2v's Wan 2.1 solver: fresh seeded noise each step), both on shift(linspace(1, 0)) with the "
+    "float training timesteps (1000, 937.5, 833.3, 625 at 4 steps).")})
 
 
 def widgets(steps, cfg, shift):
@@ -80,7 +93,7 @@ def widgets(steps, cfg, shift):
         **cfg,
         "shift": ("FLOAT", {"default": shift, "min": 0.1, "max": 30.0, "step": 0.1,
                             "tooltip": f"Timestep shift s*sigma/(1+(s-1)*sigma) (official: {shift})."}),
-        "sampler": (list(SAMPLERS), {"default": "unipc", "tooltip": "unipc is the official solver."}),
+        "sampler": SAMPLER,
         "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
                           "tooltip": "Video width: a multiple of 16 (32 for TI2V-5B)."}),
         "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
@@ -107,10 +120,10 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     check_experts([h for h, *_ in models_cfgs])
     for handle, *_ in models_cfgs:
         check_fit(handle, cond, shape)
-    check_memory(first, shape)
+    check_memory(first, shape, max(passes(cfg) for _, cfg, _ in models_cfgs))
     use_cache = cache.enabled(cache_threshold, cache_interval)
-    experts = [Expert(lambda h=h: h.load(activation_memory(h.patcher.model, shape, h.dtype)), cfg, min_t,
-                      cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
+    experts = [Expert(lambda h=h, b=passes(cfg): h.load(activation_memory(h.patcher.model, shape, h.dtype, b)),
+                      cfg, min_t, cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
                for h, cfg, min_t in models_cfgs]
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
                       height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,

@@ -45,6 +45,7 @@ SLOTS = {
     "WanLeanSpeechToVideo": ([("model", "WANLEAN_MODEL"), ("vae", "WANLEAN_VAE"), ("audio_encoder", "WANLEAN_AUDIO_ENCODER"),
                               ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("ref_image", "IMAGE"),
                               ("audio", "AUDIO"), ("pose_video", "IMAGE")], [("frames", "IMAGE"), ("audio", "AUDIO")]),
+    "WanLeanLoraLoader": ([("model", "WANLEAN_MODEL")], [("model", "WANLEAN_MODEL")]),
     "LoadVideo": ([], [("VIDEO", "VIDEO")]),
     "GetVideoComponents": ([("video", "VIDEO")], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
@@ -128,12 +129,37 @@ def start_graph(title, files, defaults):
     return g
 
 
-def t2v(model_file, width, height, title):
-    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21],
+def model_loader(g, model_file, lora=None, title=None):
+    """Wan Load Diffusion Model, followed by Wan Load LoRA when `lora` is (file, strength)."""
+    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"], title=title)
+    if lora:
+        model = g.add("WanLeanLoraLoader", list(lora), title=title and f"{title}: step-distillation LoRA",
+                      model=(model, "model"))
+    return model
+
+
+# The step-distillation LoRAs (published names as ComfyUI's templates use them) and their solver settings: 4 steps,
+# cfg 1 (no negative pass), shift 5, the distilled schedule (wan_core.sampling: exact training timesteps).
+LIGHTNING = {"t2v": "wan2.2_t2v_lightx2v_4steps_lora_v1.1_{}_noise.safetensors",
+             "i2v": "wan2.2_i2v_lightx2v_4steps_lora_v1_{}_noise.safetensors"}
+LIGHTNING_SOURCE = {"t2v": "Wan2.2-T2V-A14B-4steps-lora-rank64-Seko-V1.1", "i2v": "Wan2.2-I2V-A14B-4steps-lora-rank64-Seko-V1"}
+LIGHTX2V = {"t2v": "lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16.safetensors",
+            "i2v": "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors"}
+LIGHTX2V_NOTE = ("4-step preset with the lightx2v step/CFG-distillation LoRA (strength 1; Kijai's extraction of "
+                 "lightx2v's Wan2.1-{}-StepDistill-CfgDistill model, the name ComfyUI's templates use): 4 steps, cfg 1 "
+                 "(no negative pass), shift 5, lcm-distilled (lightx2v's own Wan 2.1 step: fresh noise each step, "
+                 "timesteps 1000/937.5/833.3/625); euler-distilled also works. 81 frames at 16 fps.")
+LIGHTX2V_SAMPLER = [0, "fixed", 4, 1.0, 5.0, "lcm-distilled"]  # seed, control, steps, cfg, shift, sampler
+
+
+def t2v(model_file, width, height, title, lora=None):
+    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21] + ([f"loras/{lora}"] if lora else []),
+                    LIGHTX2V_NOTE.format("T2V-14B") if lora else
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
-    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
+    model = model_loader(g, model_file, lora and (lora, 1.0))
     enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
-    s = sampler(g, "WanLeanSampler", [0, "fixed", 50, 5.0, 5.0, "unipc"], (width, height, 81),
+    head = LIGHTX2V_SAMPLER if lora else [0, "fixed", 50, 5.0, 5.0, "unipc"]
+    s = sampler(g, "WanLeanSampler", head, (width, height, 81),
                 model=(model, "model"), positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, "wan/t2v")
 
@@ -158,29 +184,45 @@ def image_cond(g, enc, vae, imgs, size):
     return g.add("WanLeanImageToVideo", list(size), **links)
 
 
-def i2v_21(model_file, width, height, steps, shift, title, flf=False):
-    g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "clip_vision/clip_vision_h.safetensors"],
+def i2v_21(model_file, width, height, steps, shift, title, flf=False, lora=None):
+    files = [f"diffusion_models/{model_file}", TE, VAE21, "clip_vision/clip_vision_h.safetensors"]
+    g = start_graph(title, files + ([f"loras/{lora}"] if lora else []),
+                    LIGHTX2V_NOTE.format("I2V-14B-480P") if lora else
                     f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
-    model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
+    model = model_loader(g, model_file, lora and (lora, 1.0))
     enc, vae = text_side(g, I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
-    s = sampler(g, "WanLeanSampler", [0, "fixed", steps, 5.0, shift, "unipc"], (width, height, 81),
+    head = LIGHTX2V_SAMPLER if lora else [0, "fixed", steps, 5.0, shift, "unipc"]
+    s = sampler(g, "WanLeanSampler", head, (width, height, 81),
                 model=(model, "model"), positive=(cond, "positive"), negative=(cond, "negative"))
     return finish(g, vae, s, 16, "wan/flf2v" if flf else "wan/i2v")
 
 
-def a14b(kind, cfgs, shift, boundary, title):
+def a14b_note(kind, cfgs, shift, boundary, distilled):
+    if not distilled:
+        return (f"Official defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} (high noise) / {cfgs[1]} (low noise), "
+                f"expert switch at timestep {boundary}x1000, 81 frames at 16 fps, 1280x720. No CLIP.")
+    return (f"4-step preset with the Wan2.2-Lightning LoRAs, one per expert at strength 1 (lightx2v/Wan2.2-Lightning "
+            f"`{LIGHTNING_SOURCE[kind]}/high_noise_model.safetensors` and `low_noise_model.safetensors`, repackaged by "
+            f"ComfyUI under the names above): 4 steps, cfg 1 / 1 (no negative pass), shift 5, euler-distilled (the "
+            f"solver Lightning was distilled with, timesteps 1000/937.5 on the high-noise expert, 833.3/625 on the "
+            f"low-noise one), switch at {boundary}x1000, 81 frames at 16 fps. No CLIP.")
+
+
+def a14b(kind, cfgs, shift, boundary, title, distilled=False):
     files = [f"wan2.2_{kind}_high_noise_14B_fp16.safetensors", f"wan2.2_{kind}_low_noise_14B_fp16.safetensors"]
-    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21],
-                    f"Official defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} (high noise) / {cfgs[1]} (low noise), "
-                    f"expert switch at timestep {boundary}x1000, 81 frames at 16 fps, 1280x720. No CLIP.")
-    high, low = (g.add("WanLeanModelLoader", [f, "default", "auto", "off"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
+    loras = [LIGHTNING[kind].format(n) for n in ("high", "low")] if distilled else [None, None]
+    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21] + [f"loras/{f}" for f in loras if f],
+                    a14b_note(kind, cfgs, shift, boundary, distilled))
+    high, low = (model_loader(g, f, lora and (lora, 1.0), title=t)
+                 for f, lora, t in zip(files, loras, ("High-noise expert", "Low-noise expert")))
     enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     if kind == "i2v":
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
-    s = sampler(g, "WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc"], (1280, 720, 81), (boundary, 0.0, 0),
+    head = [0, "fixed", 4, 1.0, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, *cfgs, shift, "unipc"]
+    s = sampler(g, "WanLeanSamplerA14B", head, (1280, 720, 81), (boundary, 0.0, 0),
                 high_noise_model=(high, "model"), low_noise_model=(low, "model"),
                 positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
@@ -236,6 +278,14 @@ WORKFLOWS = {
                                     "Wan 2.1 FLF2V-14B (first and last frame, 720p)", flf=True),
     "wan22_t2v_a14b.json": a14b("t2v", (4.0, 3.0), 12.0, 0.875, "Wan 2.2 T2V-A14B (two experts)"),
     "wan22_i2v_a14b.json": a14b("i2v", (3.5, 3.5), 5.0, 0.9, "Wan 2.2 I2V-A14B (two experts)"),
+    "wan22_t2v_a14b_4step.json": a14b("t2v", (1.0, 1.0), 5.0, 0.875, "Wan 2.2 T2V-A14B (4 steps, Lightning LoRAs)",
+                                      distilled=True),
+    "wan22_i2v_a14b_4step.json": a14b("i2v", (1.0, 1.0), 5.0, 0.9, "Wan 2.2 I2V-A14B (4 steps, Lightning LoRAs)",
+                                      distilled=True),
+    "wan21_t2v_14b_lightx2v.json": t2v("wan2.1_t2v_14B_fp16.safetensors", 832, 480, "Wan 2.1 T2V-14B (4 steps, lightx2v LoRA)",
+                                       lora=LIGHTX2V["t2v"]),
+    "wan21_i2v_480p_lightx2v.json": i2v_21("wan2.1_i2v_480p_14B_fp16.safetensors", 832, 480, 4, 5.0,
+                                           "Wan 2.1 I2V-14B-480P (4 steps, lightx2v LoRA)", lora=LIGHTX2V["i2v"]),
     "wan22_ti2v_5b_t2v.json": ti2v(False),
     "wan22_ti2v_5b_i2v.json": ti2v(True),
     "wan22_s2v.json": s2v("Wan 2.2 S2V-14B (image + speech, one clip)"),

@@ -333,6 +333,22 @@ def test_a14b_experts_take_turns_on_the_device(nodes, fake_gpu):
     assert torch.equal(out, free_run)
 
 
+def test_cfg1_experts_ask_for_one_pass_of_activations(nodes, fake_gpu):
+    """The 4-step preset (cfg 1 / 1): each A14B expert asks load_models_gpu for half the CFG batch's activations
+    (one pass a step); with cfg 4 on the high-noise expert only that one asks for the CFG batch."""
+    high, = nodes.loaders.WanLeanModelLoader().load(HIGH, "default")
+    low, = nodes.loaders.WanLeanModelLoader().load(LOW, "default")
+    positive, negative = conds()
+    cfg_batch = nodes.sampler.activation_memory(high.patcher.model, SHAPE, high.dtype)
+    for cfgs, asked in (((1.0, 1.0), [cfg_batch // 2] * 2), ((4.0, 1.0), [cfg_batch, cfg_batch // 2])):
+        mm.free_memory(1e30, FAKE)
+        fake_gpu.loads.clear()
+        latent = nodes.sampler.WanLeanSamplerA14B().sample(
+            high, low, positive, negative, seed=3, steps=4, cfg_high_noise=cfgs[0], cfg_low_noise=cfgs[1], shift=5.0,
+            sampler="euler-distilled", boundary=0.875, **SIZE)[0]["samples"]
+        assert [(p, m) for p, m, _ in fake_gpu.loads] == list(zip((high.patcher, low.patcher), asked))
+        assert torch.isfinite(latent).all() and latent.std() > 0
+
 def _text(nodes):
     t5, = nodes.loaders.WanLeanTextEncoderLoader().load("umt5_xxl_fp16.safetensors")
     nodes.conditioning.WanLeanTextEncode().encode(t5, "a cat", "")

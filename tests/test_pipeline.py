@@ -74,3 +74,38 @@ def test_size_errors_name_the_input_and_fix():
         check_video_size(832, 480, 80)
     with pytest.raises(ValueError, match="height 720 is not a multiple of 32; use 704 or 736"):
         check_video_size(1280, 720, 121, 32)
+
+
+@pytest.mark.parametrize("boundary", [0.875, 0.900])
+def test_distilled_a14b_four_steps_cfg1(boundary):
+    """The Lightning 4-step preset: high-noise expert at t 1000 and 937.5, low-noise at 833.33 and 625 (both T2V and
+    I2V boundaries), shown as floats, one batch-1 pass per step (cfg 1: no negative pass); the multi-device job
+    (wan_core.parallel.sample_job behind ParallelDiT, here a CFG-parallel layout in one process) does the same."""
+    from wan_core.parallel import Mesh, sample_job
+    log = []
+    models = {"high": recorder(tiny(0), log, "high"), "low": recorder(tiny(1), log, "low")}
+    cond, uncond = Cond(text()), Cond(text())
+    args = dict(seed=5, steps=4, shift=5.0, sampler="euler-distilled", width=32, height=32, length=5)
+    out = generate([Expert(lambda: models["high"], cfg=1.0, min_t=boundary * 1000), Expert(lambda: models["low"], 1.0)],
+                   cond, uncond, **args)
+    assert [(n, b) for n, b, _ in log] == [("high", 1), ("high", 1), ("low", 1), ("low", 1)]
+    assert [t.dtype for *_, t in log] == [torch.float32] * 4
+    assert [float(t[0]) for *_, t in log] == pytest.approx([1000.0, 937.5, 833.3333, 625.0], abs=1e-4)
+    assert torch.isfinite(out).all() and out.std() > 0
+    log.clear()
+    spec = dict(args, experts=[("high", 1.0, boundary * 1000), ("low", 1.0, 0.0)], cond=cond, uncond=uncond,
+                dtype=torch.float32)
+    parallel_out = sample_job(models, Mesh(2, 0, None, None), "cpu", None, spec)
+    assert [(n, b) for n, b, _ in log] == [("high", 1), ("high", 1), ("low", 1), ("low", 1)]
+    assert torch.equal(parallel_out, out)
+
+
+def test_cfg_above_1_batches_the_negative_pass():
+    """The other side of the skip: cfg != 1 runs prompt and negative as one batch of 2 per step; a float widget's
+    1.0000000000000002 counts as 1 (within 1e-6, as Lightning's use_cfg)."""
+    for cfg, batch in ((1.5, 2), (1.0000000000000002, 1), (1.001, 2)):
+        log = []
+        model = recorder(tiny(0), log, "m")
+        generate([Expert(lambda: model, cfg=cfg)], Cond(text()), Cond(text()), seed=0, steps=2, shift=5.0,
+                 sampler="lcm-distilled", width=32, height=32, length=1)
+        assert [b for _, b, _ in log] == [batch, batch], cfg

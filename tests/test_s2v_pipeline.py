@@ -37,3 +37,24 @@ def test_three_clips_chain_motion_and_audio():
             assert torch.equal(window, audio[..., clip * CLIP_FRAMES:(clip + 1) * CLIP_FRAMES])
             assert motion is motions[clip] and pose_in is pose[clip]
     assert pose[0].shape == (1, 16, 20, H // 8, W // 8)
+
+
+def test_cfg1_skips_the_negative_pass():
+    """cfg 1 (distilled LoRAs): one batch-1 DiT call per step, prompt and real audio only; cfg 4.5: batch 2."""
+    torch.manual_seed(0)
+    model = randomize_(WanS2V(**dict(SMOKE, text_dim=8)), seed=1).eval()
+    vae = WanVAE21(**VAE_TINY).eval()
+    g = torch.Generator().manual_seed(2)
+    audio = torch.randn(1, SMOKE["audio_layers"], SMOKE["audio_dim"], CLIP_FRAMES, generator=g)
+    with torch.no_grad():
+        ref = vae.encode(torch.rand(1, 3, 1, H, W, generator=g) * 2 - 1)
+    batches = []
+    model.register_forward_pre_hook(lambda m, a, kw: batches.append((a[0].shape[0], kw["audio"].abs().sum().item())),
+                                    with_kwargs=True)
+    job = S2VJob(torch.randn(4, 8), torch.randn(5, 8), audio, ref)
+    for cfg in (1.0, 4.5):
+        frames = generate_s2v(lambda: model, vae, job, clips=1, seed=0, steps=4, cfg=cfg, shift=5.0,
+                              sampler="euler-distilled", width=W, height=H)
+        assert torch.isfinite(frames).all() and frames.std() > 0
+    assert [b for b, _ in batches] == [1] * 4 + [2] * 4
+    assert all(total > 0 for _, total in batches[:4])

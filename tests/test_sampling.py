@@ -56,6 +56,60 @@ def test_dpmpp_schedule_and_shift():
         sampling.schedule("heun", 10, 5.0)
 
 
+def test_distilled_schedule_is_the_training_timesteps():
+    """4 steps, shift 5: sigmas shift(1, 3/4, 1/2, 1/4) + [0]; the model sees 1000, 937.5, 833.33.., 625 as floats."""
+    for sampler in sampling.DISTILLED:
+        sigmas, timesteps = sampling.schedule(sampler, 4, 5.0)
+        assert sigmas.tolist() == pytest.approx([1.0, 15 / 16, 5 / 6, 5 / 8, 0.0], abs=1e-15)
+        assert timesteps.dtype == torch.float64
+        assert timesteps.tolist() == pytest.approx([1000.0, 937.5, 2500 / 3, 625.0], abs=1e-12)
+    # the official UniPC schedule at the same settings shows the model other (truncated) timesteps
+    assert sampling.schedule("unipc", 4, 5.0)[1].tolist() == [999, 937, 833, 624]
+
+
+def toy_velocity(b):
+    """A known model v(x, t) = 0.3 x + (t / 1000) b - 0.2 x^2 / (1 + x^2): the timestep it is shown matters."""
+    return lambda x, t: 0.3 * x + (float(t) / 1000) * b - 0.2 * x * x / (1 + x * x)
+
+
+def test_distilled_euler_final_latent_by_hand():
+    """euler-distilled = explicit flow Euler x += (sigma_next - sigma) v(x, 1000 sigma), written out step by step."""
+    b = noise(seed=3).double()
+    v, shown = toy_velocity(b), []
+
+    def denoise(x, sigma, t):
+        shown.append(t.item())
+        return v(x.double(), t).float()
+
+    out = sampling.sample(denoise, noise(), "euler-distilled", steps=4, shift=5.0)
+    x = noise().double()
+    x = x + (15 / 16 - 1) * v(x, 1000.0)
+    x = x + (5 / 6 - 15 / 16) * v(x, 937.5)
+    x = x + (5 / 8 - 5 / 6) * v(x, 2500 / 3)
+    x = x + (0 - 5 / 8) * v(x, 625.0)
+    assert shown == pytest.approx([1000.0, 937.5, 2500 / 3, 625.0], abs=1e-12)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.std() > 0.1
+    assert (out.double() - x).abs().max().item() < 1e-5
+
+
+def test_lcm_distilled_final_latent_by_hand():
+    """lcm-distilled: x0 = x - sigma v, then (1 - sigma') x0 + sigma' n with n the generator's next draws; the
+    last step returns x0. Seeded: the same generator state gives the same latent, another one a different one."""
+    b = noise(seed=3).double()
+    v = toy_velocity(b)
+    run = lambda seed: sampling.sample(lambda x, s, t: v(x.double(), t).float(), noise(), "lcm-distilled",  # noqa: E731
+                                       steps=4, shift=5.0, generator=torch.Generator().manual_seed(seed))
+    out = run(11)
+    g = torch.Generator().manual_seed(11)
+    x, sig = noise().double(), [1.0, 15 / 16, 5 / 6, 5 / 8, 0.0]
+    for i in range(4):
+        x0 = x - sig[i] * v(x, 1000 * sig[i])
+        x = x0 if i == 3 else (1 - sig[i + 1]) * x0 + sig[i + 1] * torch.randn(SHAPE, generator=g).double()
+    assert torch.isfinite(out).all() and out.std() > 0.1
+    assert (out.double() - x).abs().max().item() < 1e-5
+    assert torch.equal(run(11), out) and (run(12) - out).abs().max() > 0.1
+
+
 # ---------------------------------------------------------------- parity with ComfyUI's solver code
 
 class FlowSchedule:
@@ -154,6 +208,23 @@ def test_euler_matches_comfy_euler(steps):
 
     ref = sample_euler(denoised, noise().double(), sigmas, disable=True)
     scale_close(run_ours("euler", steps, 5.0), ref)
+
+
+def test_euler_distilled_matches_comfy_euler():
+    """euler-distilled vs ComfyUI's `sample_euler` on the distilled sigmas (what its 'simple' scheduler gives at
+    shift 5 and 4 steps: 1, 0.9375, 0.8333, 0.625, 0)."""
+    import_comfy()
+    from comfy.k_diffusion.sampling import sample_euler
+
+    v = velocity_net()
+    sigmas, _ = sampling.schedule("euler-distilled", 4, 5.0)
+
+    def denoised(x, s):
+        s = float(s[0])
+        return x - s * v(x, s)
+
+    ref = sample_euler(denoised, noise().double(), sigmas, disable=True)
+    scale_close(run_ours("euler-distilled", 4, 5.0), ref)
 
 
 # ---------------------------------------------------------------- loop behaviour

@@ -18,6 +18,13 @@ OFFICIAL_FILES = {
 }
 
 
+# sampler choices some runs below use instead of their workflow's own, so that every choice runs through the server
+# (the bundled workflows themselves use unipc, euler-distilled and lcm-distilled)
+SAMPLER_OVERRIDES = {
+    "wan21_t2v_1.3B.json": {"WanLeanSampler.sampler": "dpm++"},
+    "wan21_flf2v_720p.json": {"WanLeanSampler.sampler": "euler"},
+    "wan22_s2v.json": {"WanLeanSpeechToVideo.sampler": "euler-distilled", "WanLeanSpeechToVideo.cfg": 1.0},
+}
 PACK_NODES = {"WanLeanModelLoader", "WanLeanVAELoader", "WanLeanTextEncoderLoader", "WanLeanCLIPVisionLoader",
               "WanLeanTextEncode", "WanLeanCLIPVisionEncode", "WanLeanImageToVideo", "WanLeanSampler",
               "WanLeanSamplerA14B", "WanLeanVAEDecode", "WanLeanSaveVideo", "WanLeanLoraLoader",
@@ -47,7 +54,7 @@ S2V_WORKFLOWS = [pytest.param(w, marks=pytest.mark.slow) if "long" in w else w f
 @pytest.mark.parametrize("workflow", S2V_WORKFLOWS)
 def test_s2v_workflow_writes_mp4_with_audio(server, workflow):
     """Real speech (espeak-ng) -> the frame count of the clip arithmetic, and an audio track as long as the video."""
-    files = run_workflow(server, workflow, {}, sizes={"width": 64, "height": 64, "steps": 2})
+    files = run_workflow(server, workflow, SAMPLER_OVERRIDES.get(workflow, {}), sizes={"width": 64, "height": 64, "steps": 2})
     info = probe(next(f for f in files if f.endswith(".mp4")))
     expect = s2v_frames(0 if "long" in workflow else 1)
     assert (info["frames"], info["width"], info["height"], info["fps"]) == (expect, 64, 64, 16)
@@ -58,12 +65,29 @@ def test_s2v_workflow_writes_mp4_with_audio(server, workflow):
 @pytest.mark.parametrize("workflow", [w for w in WORKFLOWS if "s2v" not in w])
 def test_workflow_writes_mp4(server, workflow):
     width, height, length = 128, 64, 5  # multiples of 32 for TI2V-5B
+    distilled = "4step" in workflow or "lightx2v" in workflow  # their 4 steps: the training timesteps
     overrides = OFFICIAL_FILES if workflow == "wan21_t2v_14B.json" else {}
-    sampler = {"WanLeanSampler.sampler": "dpm++"} if workflow == "wan21_t2v_1.3B.json" else {}
-    files = run_workflow(server, workflow, {**overrides, **sampler},
-                         sizes={"width": width, "height": height, "length": length, "steps": 3})
+    files = run_workflow(server, workflow, {**overrides, **SAMPLER_OVERRIDES.get(workflow, {})},
+                         sizes={"width": width, "height": height, "length": length, "steps": 4 if distilled else 3})
     videos = [f for f in files if f.endswith(".mp4")]
     assert len(videos) == 1, files
     info = probe(videos[0])
     assert (info["frames"], info["width"], info["height"]) == (length, width, height)
     assert info["fps"] == (24 if "ti2v" in workflow else 16)
+
+
+def test_every_sampler_choice_runs_in_a_workflow_test(server):
+    """Each option of the samplers' `sampler` COMBO (read from /object_info, so a new one cannot escape) is used by a
+    bundled workflow or one of SAMPLER_OVERRIDES in the runs above (all sampler nodes share wan_core.sampling)."""
+    import json
+    from workflow_api import ui_to_api
+    info = server.object_info()
+    options = set(info["WanLeanSampler"]["input"]["required"]["sampler"][0])
+    for node in ("WanLeanSamplerA14B", "WanLeanSpeechToVideo", "WanLeanParallelSampler"):
+        assert set(info[node]["input"]["required"]["sampler"][0]) == options, node
+    used = {v for o in SAMPLER_OVERRIDES.values() for k, v in o.items() if k.endswith(".sampler")}
+    for name in WORKFLOWS:
+        with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
+            api = ui_to_api(json.load(f), info)
+        used |= {e["inputs"]["sampler"] for e in api.values() if "sampler" in e["inputs"]}
+    assert options <= used, f"sampler choices no workflow test runs: {sorted(options - used)}"

@@ -36,9 +36,17 @@ def latent_shape(width, height, length, channels=16, batch=1):
     return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
-def initial_noise(shape, seed):
-    """Seeded Gaussian noise from a CPU generator (the same on every device)."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+def guided(cfg):
+    """Whether guidance `cfg` needs the negative pass: not at 1, within 1e-6 (as Wan2.2-Lightning's use_cfg; a
+    widget's 1.0000000000000002 is 1)."""
+    return abs(cfg - 1.0) > 1e-6
+
+
+def initial_noise(shape, seed, generator=None):
+    """Seeded Gaussian noise from a CPU generator (the same on every device). Pass `generator` (a CPU
+    torch.Generator) to keep drawing from it afterwards: lcm-distilled takes its fresh noise from the same stream."""
+    generator = generator if generator is not None else torch.Generator("cpu")
+    return torch.randn(shape, generator=generator.manual_seed(seed), dtype=torch.float32)
 
 
 def pad_context(ctx, length=512):
@@ -104,14 +112,14 @@ def _model_inputs(x, t, cond, both):
 
 def make_denoiser(experts, cond, uncond, dtype):
     """denoise(x, sigma, t) = u + g * (c - u) with the expert (and its g) for timestep t; both branches
-    run as one batch, the negative one skipped when g == 1."""
+    run as one batch, the negative one skipped when g is 1 (`guided`)."""
     current = {}
 
     def denoise(x, sigma, t):
         expert = next(e for e in experts if float(t) >= e.min_t)
         if current.get("expert") is not expert:
             current.update(expert=expert, model=expert.get())
-        both = expert.cfg != 1.0
+        both = guided(expert.cfg)
         xin, tin = _model_inputs(x, t, cond, both)
         ctx = torch.cat([pad_context(cond.context), pad_context(uncond.context)]) if both else pad_context(cond.context)
         extra = {} if expert.cache is None else {"cache": expert.cache}
@@ -129,10 +137,11 @@ def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, heigh
              device="cpu", dtype=torch.float32, callback=None):
     """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride)."""
     check_video_size(width, height, length, 2 * spatial_stride(channels))
-    x = initial_noise(latent_shape(width, height, length, channels), seed).to(device)
+    generator = torch.Generator("cpu")
+    x = initial_noise(latent_shape(width, height, length, channels), seed, generator).to(device)
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
-        x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback)
+        x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback, generator=generator)
     if cond.first_frame is not None:
         x[:, :, :1] = cond.first_frame.to(x)
     return x

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .conditioning import fit
-from .pipeline import initial_noise, pad_context
+from .pipeline import guided, initial_noise, pad_context
 from .sampling import sample
 
 CLIP_FRAMES = 80    # pixel frames per clip (infer_frames)
@@ -45,7 +45,7 @@ def pose_latents(vae, pose, width, height, clips):
 def s2v_denoiser(model, job, clip, motion, guidance, dtype):
     """CFG over one batch: (prompt, audio) and (negative prompt, silent audio), same reference/motion/pose."""
     window = job.audio[..., clip * CLIP_FRAMES:(clip + 1) * CLIP_FRAMES]
-    both = guidance != 1.0
+    both = guided(guidance)
     ctx = torch.cat([pad_context(job.context), pad_context(job.neg_context)]) if both else pad_context(job.context)
     audio = torch.cat([window, torch.zeros_like(window)]) if both else window
     pose = job.pose_latents[clip] if job.pose_latents else None
@@ -75,10 +75,12 @@ def generate_s2v(get_model: Callable, vae, job: S2VJob, *, clips, seed, steps, c
         motion = None if clip == 0 else vae.encode(history.to(device))
         if on_clip:
             on_clip(clip, clips, motion)
-        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip).to(device)
+        generator = torch.Generator("cpu")
+        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip, generator).to(device)
         denoise = s2v_denoiser(get_model(), job, clip, motion, cfg, dtype)
         with torch.no_grad():
-            latent = sample(denoise, noise, sampler=sampler, steps=steps, shift=shift, callback=callback)
+            latent = sample(denoise, noise, sampler=sampler, steps=steps, shift=shift, callback=callback,
+                            generator=generator)
             first = job.ref_latent if clip == 0 else motion
             video = vae.decode(torch.cat([first.to(latent), latent], dim=2))[:, :, -CLIP_FRAMES:]
         if clip == 0:

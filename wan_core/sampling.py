@@ -1,4 +1,4 @@
-"""Flow-matching samplers of the Wan release: UniPC (bh2), DPM++ 2M and Euler.
+"""Flow-matching samplers of the Wan release (UniPC bh2, DPM++ 2M, Euler) and of the step-distilled Wan models.
 
 Flow matching with velocity prediction: x_t = (1 - sigma) * x0 + sigma * noise, the model predicts
 v = noise - x0, so x0 = x_t - sigma * v. Solvers use alpha = 1 - sigma and the half log-SNR
@@ -6,13 +6,22 @@ lambda = log(alpha / sigma). Sample tensors are float32 on x's device; schedules
 solver coefficients are float64 (the official scheduler rounds sigmas to float32 and computes the
 coefficients in float32: results agree to ~1e-7 relative). Euler is plain flow Euler on the UniPC
 schedule (not an official solver).
+
+Distilled (Wan2.2-Lightning / lightx2v 4-step LoRAs and models): sigma = shift(linspace(1, 0, steps+1)[:-1]), final 0,
+and the model is shown the float timestep sigma * 1000 (not truncated): at 4 steps and shift 5 exactly the training
+timesteps 1000, 937.5, 833.33, 625. As read in ModelTC/Wan2.2-Lightning `wan/utils/fm_solvers_euler.py` (its
+generate.py warns to use that Euler solver with the LoRAs) and ModelTC/LightX2V
+`lightx2v/models/schedulers/wan/step_distill/scheduler.py` (denoising_step_list [1000, 750, 500, 250] picks the same
+sigmas from a 1000-entry shifted table): "euler-distilled" is their flow Euler (Wan 2.2 A14B), "lcm-distilled"
+their Wan 2.1 step (x0 = x - sigma*v, then fresh Gaussian noise mixed in at the next sigma: (1 - s')x0 + s' noise).
 """
 import math
 
 import numpy as np
 import torch
 
-SAMPLERS = ("unipc", "dpm++", "euler")
+SAMPLERS = ("unipc", "dpm++", "euler", "euler-distilled", "lcm-distilled")  # append only: saved workflows
+DISTILLED = ("euler-distilled", "lcm-distilled")
 TRAIN_STEPS = 1000
 # The official FlowUniPCMultistepScheduler's sigma_max: 1 - 1/1000 stored as float32, then read back.
 UNIPC_SIGMA_MAX = float(np.float32(1.0 - 1.0 / TRAIN_STEPS))
@@ -25,15 +34,18 @@ def shift_sigmas(sigmas, shift):
 
 
 def schedule(sampler, steps, shift):
-    """(sigmas float64 [steps+1] ending in 0, timesteps int64 [steps]).
+    """(sigmas float64 [steps+1] ending in 0, timesteps [steps]).
 
-    unipc / euler: linspace(0.999, 0, steps+1)[:-1]; dpm++: linspace(1, 0, steps+1)[:-1]; shifted,
-    then a final 0. The model is shown int64(sigma * 1000), truncated, as the official scheduler.
+    unipc / euler: linspace(0.999, 0, steps+1)[:-1]; dpm++ and the distilled ones: linspace(1, 0, steps+1)[:-1];
+    shifted, then a final 0. The model is shown int64(sigma * 1000), truncated, as the official scheduler; the
+    distilled samplers show it the float64 sigma * 1000, as their training did.
     """
     _check(sampler, steps)
-    start = 1.0 if sampler == "dpm++" else UNIPC_SIGMA_MAX
+    start = UNIPC_SIGMA_MAX if sampler in ("unipc", "euler") else 1.0
     sigmas = shift_sigmas(np.linspace(start, 0.0, steps + 1)[:-1], shift)  # numpy's linspace, as official
-    timesteps = (sigmas * TRAIN_STEPS).to(torch.int64)
+    timesteps = sigmas * TRAIN_STEPS
+    if sampler not in DISTILLED:
+        timesteps = timesteps.to(torch.int64)
     return torch.cat([sigmas, sigmas.new_zeros(1)]), timesteps
 
 
@@ -95,6 +107,21 @@ class _Euler:
 
     def step(self, i, x, v, x0):
         return x + (self.sigmas[i + 1] - self.sigmas[i]) * v
+
+
+class _Renoise:
+    """lightx2v's Wan 2.1 step-distill step: jump to the x0 estimate, then noise it afresh to the next sigma,
+    (1 - sigma_next) * x0 + sigma_next * n with n ~ N(0, 1) from `generator` (CPU); the last step returns x0."""
+
+    def __init__(self, sigmas, generator):
+        self.sigmas, self.generator = sigmas, generator
+
+    def step(self, i, x, v, x0):
+        t = self.sigmas[i + 1]
+        if t <= 0.0:
+            return x0
+        n = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        return (1.0 - t) * x0 + t * n
 
 
 class _DPMpp2M:
@@ -165,20 +192,23 @@ class _UniPC:
         return first_order(x_last, m0, s, t) + _coef(s, t) * (rho_old * d1 + rho_new * (x0 - m0))
 
 
-_SOLVERS = {"unipc": _UniPC, "dpm++": _DPMpp2M, "euler": _Euler}
+_SOLVERS = {"unipc": _UniPC, "dpm++": _DPMpp2M, "euler": _Euler, "euler-distilled": _Euler}  # + lcm-distilled
 
 
 @torch.no_grad()
-def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None):
+def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, generator=None):
     """Integrate from noise x (sigma ~ 1) to sigma 0; returns x0 in x's dtype.
 
-    denoise(x_t float32, sigma: float, timestep: int64 0-dim tensor) -> velocity (CFG done by the caller).
-    callback(i, steps, x_next, x0_pred) after each step; exceptions propagate (interrupts).
-    Euler runs on the UniPC schedule.
+    denoise(x_t float32, sigma: float, timestep: 0-dim CPU tensor, int64 or for the distilled samplers float64)
+    -> velocity (CFG done by the caller). callback(i, steps, x_next, x0_pred) after each step; exceptions
+    propagate (interrupts). Euler runs on the UniPC schedule. generator: the CPU torch.Generator lcm-distilled
+    draws its fresh noise from (the one that made x, so a seed fixes the whole run; default: seeded 0).
     """
     sigmas, timesteps = schedule(sampler, steps, shift)
-    solver = _SOLVERS[sampler](sigmas.tolist())
-    timesteps = timesteps.to(x.device)
+    if sampler == "lcm-distilled":
+        solver = _Renoise(sigmas.tolist(), generator if generator is not None else torch.Generator().manual_seed(0))
+    else:
+        solver = _SOLVERS[sampler](sigmas.tolist())
     xt = x.to(torch.float32)
     for i in range(steps):
         sigma = float(sigmas[i])

@@ -1,5 +1,6 @@
-"""Tiny random checkpoints in the real key layouts and under the file names users drop in, so every
-graph runs anywhere: `python -m wan_core.smoke MODELS_DIR [--force]` writes a ComfyUI models folder.
+"""Tiny random checkpoints (and the distillation LoRAs of the 4-step workflows) in the real key layouts and under
+the file names users drop in, so every graph runs anywhere: `python -m wan_core.smoke MODELS_DIR [--force]` writes
+a ComfyUI models folder.
 
 The sizes are tiny, the layouts are real: official keys for the DiT and VAE, ComfyUI's HF-layout umT5
 with its `spiece_model` tensor, plus the official `.pth` text encoder with a `google/umt5-xxl/` tokenizer
@@ -14,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from .dit import WanDiT
+from .lora import write_smoke_lora
 from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
 from .tokenizer import train_smoke_spm
 from .clip import WanCLIPVision
@@ -38,6 +40,20 @@ DIT_TINY = {  # file name (ComfyUI's repackaged names) -> DiT sizes (text_dim = 
     "wan2.2_i2v_high_noise_14B_fp16.safetensors": dict(_EXPERT, in_dim=36),
     "wan2.2_i2v_low_noise_14B_fp16.safetensors": dict(_EXPERT, in_dim=36),
     "wan2.2_ti2v_5B_fp16.safetensors": dict(dim=256, ffn_dim=512, num_layers=2, in_dim=48, out_dim=48),
+}
+# The step-distillation LoRAs of the bundled 4-step workflows under their published names -> (the smoke DiT they fit,
+# key layout, dtype): Wan2.2-Lightning for the A14B experts (ComfyUI's repackaged names; official keys with
+# lora_down / lora_up / alpha, fp32 as the Lightning release merges them) and lightx2v for Wan 2.1 14B (Kijai's
+# extractions, the names ComfyUI's templates use: factors plus .diff / .diff_b full patches, bf16).
+_LIGHTNING = ("comfy", torch.float32)
+_LIGHTX2V = ("lightx2v", torch.bfloat16)
+LORA_TINY = {
+    "wan2.2_t2v_lightx2v_4steps_lora_v1.1_high_noise.safetensors": ("wan2.2_t2v_high_noise_14B_fp16.safetensors", *_LIGHTNING),
+    "wan2.2_t2v_lightx2v_4steps_lora_v1.1_low_noise.safetensors": ("wan2.2_t2v_low_noise_14B_fp16.safetensors", *_LIGHTNING),
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors": ("wan2.2_i2v_high_noise_14B_fp16.safetensors", *_LIGHTNING),
+    "wan2.2_i2v_lightx2v_4steps_lora_v1_low_noise.safetensors": ("wan2.2_i2v_low_noise_14B_fp16.safetensors", *_LIGHTNING),
+    "lightx2v_T2V_14B_cfg_step_distill_v2_lora_rank64_bf16.safetensors": ("wan2.1_t2v_14B_fp16.safetensors", *_LIGHTX2V),
+    "lightx2v_I2V_14B_480p_cfg_step_distill_rank64_bf16.safetensors": ("wan2.1_i2v_480p_14B_fp16.safetensors", *_LIGHTX2V),
 }
 VAE_TINY = dict(dim=8, z_dim=16)
 VAE22_TINY = dict(dim=8, dec_dim=12)
@@ -107,9 +123,14 @@ def write_sharded(sd, folder, shards=2):
 
 
 def write_dits(root):
+    """Every DiT of DIT_TINY, and the LoRAs of LORA_TINY for them (in models/loras)."""
     for i, (name, cfg) in enumerate(DIT_TINY.items()):
         model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **cfg), seed=10 + i)
         save_file(_state(model, torch.float16), os.path.join(root, "diffusion_models", name))
+        for j, (lora, (target, fmt, dtype)) in enumerate(LORA_TINY.items()):
+            if target == name:
+                write_smoke_lora(os.path.join(root, "loras", lora), _state(model, torch.float32), fmt, seed=30 + j,
+                                 dtype=dtype)
         if name == "wan2.1_t2v_14B_fp16.safetensors":  # also as the official sharded bf16 release
             write_sharded(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "Wan2.1-T2V-14B"))
 
@@ -139,10 +160,10 @@ def write_clip(root):
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v4")
+    stamp = os.path.join(root, ".smoke-v5")
     if os.path.exists(stamp) and not force:
         return root
-    for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders"):
+    for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders", "loras"):
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     write_text_encoders(root)
     write_dits(root)
