@@ -1,0 +1,126 @@
+"""Long video in clips (wan_core/long_video.py): clip k+1 is conditioned on exactly clip k's last decoded frames
+through each model family's own path (I2V channels, TI2V t = 0 latents, T2V inpainting), the overlap is
+cross-faded in pixel space, the frame arithmetic and bad input."""
+import pytest
+import torch
+
+from test_s2v import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
+from wan_core.dit import WanDiT
+from wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, cross_fade, generate_long
+from wan_core.pipeline import Expert, frame_mask, initial_noise
+from wan_core.smoke import VAE22_TINY, VAE_TINY, randomize_
+from wan_core.vae import WanVAE21
+from wan_core.vae22 import WanVAE22
+
+W = H = 32
+CLIP, OVERLAP, CLIPS = 13, 5, 3
+
+
+class RecordingVAE:
+    """A VAE that keeps what it encoded and decoded (in call order)."""
+
+    def __init__(self, vae):
+        self.vae, self.encoded, self.decoded = vae, [], []
+        self.z_dim = vae.z_dim
+
+    def encode(self, video):
+        out = self.vae.encode(video)
+        self.encoded.append((video.clone(), out))
+        return out
+
+    def decode(self, z):
+        out = self.vae.decode(z)
+        self.decoded.append((z.clone(), out.clone()))
+        return out
+
+
+def run_long(kind, start=True, end=False, clips=CLIPS, seed=0, inputs=None):
+    g = torch.Generator().manual_seed(7)
+    dims = {"image": dict(in_dim=36), "ti2v": dict(in_dim=48, out_dim=48), "t2v": {}}[kind]
+    model = randomize_(WanDiT(dim=128, ffn_dim=64, num_layers=1, text_dim=8, freq_dim=32, **dims), seed=1).eval()
+    vae = RecordingVAE(randomize_(WanVAE22(**VAE22_TINY) if kind == "ti2v" else WanVAE21(**VAE_TINY), seed=2).eval())
+    size = 64 if kind == "ti2v" else W
+    image = lambda: torch.rand(1, 3, size, size, generator=g) * 2 - 1  # noqa: E731
+    job = LongJob(kind, [torch.randn(3, 8, generator=g) for _ in range(clips)], torch.randn(4, 8, generator=g),
+                  start=image() if start else None, end=image() if end else None)
+    if inputs is not None:
+        model.register_forward_pre_hook(lambda m, args: inputs.append(args[0][:1].clone()))
+    conds = []
+    chunks = list(generate_long([Expert(lambda: model, cfg=2.0)], vae, job, clips=clips, clip_length=CLIP,
+                                overlap=OVERLAP, seed=seed, steps=2, shift=5.0, sampler="unipc", width=size,
+                                height=size, channels=model.out_dim, on_clip=lambda k, n, c: conds.append(c)))
+    return torch.cat(chunks, dim=1), conds, vae, job
+
+
+@pytest.mark.parametrize("kind", ["image", "ti2v", "t2v"])
+def test_next_clip_is_conditioned_on_exactly_the_last_frames(kind):
+    video, conds, vae, job = run_long(kind)
+    assert video.shape[1] == CLIP + (CLIPS - 1) * (CLIP - OVERLAP) and len(conds) == CLIPS == len(vae.decoded)
+    assert torch.isfinite(video).all() and video.std() > 0
+    clips = [out[0] for _, out in vae.decoded]  # each clip as decoded [3, CLIP, H, W]
+    # what each clip was conditioned on: the frames the VAE encoded for it (one encode per clip, before sampling)
+    assert len(vae.encoded) == CLIPS
+    for k in range(1, CLIPS):
+        frames, latent = vae.encoded[k]
+        n = OVERLAP
+        assert torch.equal(frames[0, :, :n], clips[k - 1][:, -n:])  # clip k-1's final frames, bit for bit
+        if kind == "image":
+            assert frames.shape[2] == CLIP and frames[:, :, n:].eq(0).all()
+            mask = frame_mask(CLIP, latent.shape[-2], latent.shape[-1], first=n)
+            assert torch.equal(conds[k].y, torch.cat([mask, latent], dim=1))
+        else:
+            assert frames.shape[2] == n
+            pinned = conds[k].first_frame if kind == "ti2v" else conds[k].pinned
+            assert pinned is latent and pinned.shape[2] == 1 + (n - 1) // 4
+            # the sampled latent starts with those latent frames exactly
+            assert torch.equal(vae.decoded[k][0][:, :, :pinned.shape[2]], pinned)
+    # frames out: clip 0 up to its tail, cross-faded overlaps, each clip's middle, the last clip's tail
+    step = CLIP - OVERLAP
+    assert torch.equal(video[:, :step], clips[0][:, :step])
+    for k in range(1, CLIPS):
+        seam = video[:, k * step:k * step + OVERLAP]
+        assert torch.allclose(seam, cross_fade(clips[k - 1][:, -OVERLAP:], clips[k][:, :OVERLAP]), atol=0)
+        assert torch.equal(video[:, k * step + OVERLAP:(k + 1) * step], clips[k][:, OVERLAP:step])
+    assert torch.equal(video[:, -OVERLAP:], clips[-1][:, -OVERLAP:])
+
+
+def test_first_clip_and_anchor():
+    """Clip 0 starts on the start image; FLF2V's end image closes only the last clip; the CLIP tokens (the anchor)
+    are the same for every clip."""
+    video, conds, vae, job = run_long("image", end=True)
+    first, _ = vae.encoded[0]
+    assert first.shape[2] == CLIP and torch.equal(first[0, :, 0], job.start[0]) and first[:, :, 1:].eq(0).all()
+    assert all(c.y[:, :4, -1].eq(0).all() for c in conds[:-1])
+    last, _ = vae.encoded[-1]
+    assert torch.equal(last[0, :, -1], job.end[0]) and conds[-1].y[0, :4, -1, 0, 0].tolist() == [0, 0, 0, 1]
+    _, t2v_conds, t2v_vae, _ = run_long("t2v", start=False, clips=2)
+    assert t2v_conds[0].pinned is None and len(t2v_vae.encoded) == 1  # text-only first clip
+
+
+def test_seeds_per_clip():
+    """Clip k starts from the noise of seed + k (as S2V); the same seed gives the same video."""
+    inputs = []
+    a, conds, *_ = run_long("t2v", start=False, clips=3, seed=5, inputs=inputs)
+    shape = (1, 16, 1 + (CLIP - 1) // 4, H // 8, W // 8)
+    for k in range(3):  # 2 steps per clip; the model's first input of a clip is its initial noise
+        assert torch.equal(inputs[2 * k], initial_noise(shape, 5 + k)), k
+    b, *_ = run_long("t2v", start=False, clips=3, seed=5)
+    c, *_ = run_long("t2v", start=False, clips=3, seed=6)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_frame_arithmetic_and_bad_input():
+    assert count_clips(233, 81, 5) == 3 and count_clips(81, 81, 5) == 1 and count_clips(121 + 112, 121, 9) == 2
+    with pytest.raises(ValueError, match=r"length 100 is not a whole number of clips.*use 81 \(1 clip\) or 157 \(2 clips\)"):
+        count_clips(100, 81, 5)
+    with pytest.raises(ValueError, match="clip_length 80 is not 1\\+4k"):
+        count_clips(233, 80, 5)
+    for bad in (0, 4, 41, 45):
+        with pytest.raises(ValueError, match=f"overlap {bad} must be 1\\+4j"):
+            count_clips(233, 81, bad)
+    assert clip_prompts(["a", "b"], 3) == ["a", "b", "b"]
+    with pytest.raises(ValueError, match="prompts has 4 lines but the length makes 3 clips"):
+        clip_prompts(["a", "b", "c", "d"], 3)
+    assert [conditioning_kind(*d) for d in ((36, 16), (48, 48), (16, 16))] == ["image", "ti2v", "t2v"]
+    with pytest.raises(ValueError, match="needs a start image"):
+        run_long("image", start=False)
