@@ -124,3 +124,91 @@ def test_frame_arithmetic_and_bad_input():
     assert [conditioning_kind(*d) for d in ((36, 16), (48, 48), (16, 16))] == ["image", "ti2v", "t2v"]
     with pytest.raises(ValueError, match="needs a start image"):
         run_long("image", start=False)
+
+
+# ---------------------------------------------------------------------------------------------- through the server
+
+SERVER_SIZE = {"width": 64, "height": 64, "length": CLIP + 2 * (CLIP - OVERLAP), "steps": 2}
+
+
+def run_in_process(api, classes, load_image):
+    """Evaluate an API-format prompt in this process with the given node classes (outputs of `skip` nodes unused)."""
+    done = {}
+
+    def value(node_id):
+        if node_id not in done:
+            node = api[node_id]
+            kwargs = {k: value(v[0])[v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            if node["class_type"] == "LoadImage":
+                done[node_id] = (load_image(kwargs["image"]),)
+            else:
+                cls = classes[node["class_type"]]
+                done[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+        return done[node_id]
+    return value
+
+
+@pytest.mark.parametrize("workflow", ["wan22_i2v_a14b_long.json", "wan22_t2v_a14b_long.json"])
+def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypatch):
+    """The bundled A14B long-video workflow, 3 clips, through a real ComfyUI server (frames saved as PNG); the same
+    graph in this process through the pack's node classes gives the same frames, and there every clip k+1 was
+    conditioned on exactly clip k's last `overlap` decoded frames: the I2V channels (I2V-A14B) or the pinned latents
+    (T2V-A14B, whose clips also get their own prompt line)."""
+    import json
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import ROOT, SMOKE_INPUT
+    from run_workflow import shrink
+    from test_lora import pack_module
+    from workflow_api import set_inputs, ui_to_api
+
+    with open(os.path.join(ROOT, "workflows", workflow), encoding="utf-8") as f:
+        api = ui_to_api(json.load(f), server.object_info())
+    api = set_inputs(shrink(api, SERVER_SIZE), {"WanLeanLongVideo.clip_length": CLIP, "WanLeanLongVideo.overlap": OVERLAP,
+                                                "WanLeanLongVideo.seed": 3})
+    long_id = next(k for k, v in api.items() if v["class_type"] == "WanLeanLongVideo")
+    prefix = f"long_{workflow[:-5]}"
+    api["951"] = {"class_type": "SaveImage", "inputs": {"images": [long_id, 0], "filename_prefix": prefix}}
+    pngs = sorted(p for p in server.output_files(server.run(api, timeout=900)) if os.path.basename(p).startswith(prefix))
+    served = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs])
+    assert served.shape == (SERVER_SIZE["length"], 64, 64, 3)
+
+    mods = [pack_module(m) for m in ("loaders", "conditioning", "long_video")]
+    lv = mods[-1]
+    classes = {k: v for m in mods for k, v in m.NODE_CLASS_MAPPINGS.items()}
+    import folder_paths
+    for kind in ("diffusion_models", "vae", "text_encoders"):
+        monkeypatch.setitem(folder_paths.folder_names_and_paths, kind,
+                            ([os.path.join(smoke_models, kind)], folder_paths.folder_names_and_paths[kind][1]))
+    vaes, conds, real_long = [], [], lv.generate_long
+    real_vae = lv.VAEOnDevice
+    monkeypatch.setattr(lv, "VAEOnDevice", lambda h: vaes.append(RecordingVAE(real_vae(h))) or vaes[-1])
+
+    def spy(*args, **kw):
+        inner = kw["on_clip"]
+        kw["on_clip"] = lambda k, n, c: (conds.append(c), inner(k, n, c))
+        return real_long(*args, **kw)
+    monkeypatch.setattr(lv, "generate_long", spy)
+    image = lambda name: torch.from_numpy(np.asarray(Image.open(os.path.join(SMOKE_INPUT, name)).convert("RGB"),  # noqa: E731
+                                                     dtype=np.float32) / 255)[None]
+    frames, = run_in_process(api, classes, image)(long_id)
+    ref = np.clip(255.0 * frames.numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes them
+    diff = np.abs(ref.astype(int) - served.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())  # the server ran this very computation
+    assert frames.std() > 0.01 and torch.isfinite(frames).all()
+
+    vae, = vaes
+    assert len(conds) == 3 and len(vae.decoded) == 3 and len(vae.encoded) == 3
+    for k in (1, 2):
+        known, latent = vae.encoded[k]
+        assert torch.equal(known[:, :, :OVERLAP], vae.decoded[k - 1][1][:, :, -OVERLAP:])  # bit for bit
+        if "i2v" in workflow:
+            mask = frame_mask(CLIP, latent.shape[-2], latent.shape[-1], first=OVERLAP).to(latent)
+            assert torch.equal(conds[k].y, torch.cat([mask, latent], dim=1))
+        else:
+            assert conds[k].pinned is latent and torch.equal(vae.decoded[k][0][:, :, :latent.shape[2]], latent)
+    if "t2v" in workflow:  # one prompt line per clip
+        assert not torch.equal(conds[0].context, conds[1].context) and not torch.equal(conds[1].context, conds[2].context)
