@@ -1,6 +1,8 @@
 """Long video in clips (wan_core/long_video.py): clip k+1 is conditioned on exactly clip k's last decoded frames
 through each model family's own path (I2V channels, TI2V t = 0 latents, T2V inpainting), the overlap is
 cross-faded in pixel space, the frame arithmetic and bad input."""
+import os
+
 import pytest
 import torch
 
@@ -21,7 +23,6 @@ class RecordingVAE:
 
     def __init__(self, vae):
         self.vae, self.encoded, self.decoded = vae, [], []
-        self.z_dim = vae.z_dim
 
     def encode(self, video):
         out = self.vae.encode(video)
@@ -155,7 +156,6 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
     conditioned on exactly clip k's last `overlap` decoded frames: the I2V channels (I2V-A14B) or the pinned latents
     (T2V-A14B, whose clips also get their own prompt line)."""
     import json
-    import os
 
     import numpy as np
     from PIL import Image
@@ -201,9 +201,10 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
     assert frames.std() > 0.01 and torch.isfinite(frames).all()
 
     vae, = vaes
-    assert len(conds) == 3 and len(vae.decoded) == 3 and len(vae.encoded) == 3
+    first = 1 if "i2v" in workflow else 0  # the T2V workflow has no start image: clip 0 encodes nothing
+    assert len(conds) == 3 and len(vae.decoded) == 3 and len(vae.encoded) == 2 + first
     for k in (1, 2):
-        known, latent = vae.encoded[k]
+        known, latent = vae.encoded[k - 1 + first]
         assert torch.equal(known[:, :, :OVERLAP], vae.decoded[k - 1][1][:, :, -OVERLAP:])  # bit for bit
         if "i2v" in workflow:
             mask = frame_mask(CLIP, latent.shape[-2], latent.shape[-1], first=OVERLAP).to(latent)
@@ -212,3 +213,54 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
             assert conds[k].pinned is latent and torch.equal(vae.decoded[k][0][:, :, :latent.shape[2]], latent)
     if "t2v" in workflow:  # one prompt line per clip
         assert not torch.equal(conds[0].context, conds[1].context) and not torch.equal(conds[1].context, conds[2].context)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+MEM_SIDE, MEM_CLIPS = 256, (1, 3, 6)
+
+
+def _long_peak(clips, side=MEM_SIDE):
+    """Peak RSS growth (bytes) of a `clips`-clip T2V run on the smoke 1.3B weights and the smoke VAE, frames
+    collected into a preallocated IMAGE-like tensor as the node does; measured after a warm-up clip."""
+    from conftest import SMOKE_MODELS
+    from test_memory import _peak_of
+    from wan_core.checkpoint import load_dit, load_vae
+    torch.set_num_threads(2)
+    model = WanDiT.from_state_dict(load_dit(os.path.join(SMOKE_MODELS, "diffusion_models",
+                                                         "wan2.1_t2v_1.3B_fp16.safetensors"), torch.float32).sd).eval()
+    vae = WanVAE21.from_state_dict(load_vae(os.path.join(SMOKE_MODELS, "vae", "wan_2.1_vae.safetensors")).sd).eval()
+    text = model.text_embedding[0].in_features
+
+    def run(n):
+        job = LongJob("t2v", [torch.randn(5, text)] * n, torch.randn(5, text))
+        out = torch.empty(CLIP + (n - 1) * (CLIP - OVERLAP), side, side, 3)
+        done = 0
+        for chunk in generate_long([Expert(lambda: model, cfg=2.0)], vae, job, clips=n, clip_length=CLIP,
+                                   overlap=OVERLAP, seed=0, steps=2, shift=5.0, sampler="unipc", width=side, height=side):
+            out[done:done + chunk.shape[1]] = chunk.permute(1, 2, 3, 0)
+            done += chunk.shape[1]
+    run(1)  # warm-up
+    return _peak_of(lambda: run(clips))
+
+
+def test_memory_grows_with_the_output_only():
+    """Each clip count in a fresh process (large allocations mmapped so RSS follows live tensors): the peak RSS
+    growth minus the output video's bytes is the same for 1, 3 and 6 clips (within 8 MiB)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    peaks = {}
+    for n in MEM_CLIPS:
+        code = f"import sys; sys.path[:0] = ['tests', '.']; import test_long_video as t; print(t._long_peak({n}))"
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072"),
+                             capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        peaks[n] = int(out.split()[-1])
+    work = {}
+    for n, peak in peaks.items():
+        output = (CLIP + (n - 1) * (CLIP - OVERLAP)) * 3 * MEM_SIDE ** 2 * 4
+        work[n] = peak - output
+        print(f"{n} clips ({MEM_SIDE}x{MEM_SIDE}, {CLIP}-frame clips): peak RSS growth {peak / 2**20:.1f} MiB, "
+              f"output {output / 2**20:.1f} MiB, the rest {work[n] / 2**20:.1f} MiB")
+    assert max(work.values()) - min(work.values()) <= 8 * 2 ** 20, work
