@@ -91,6 +91,9 @@ class WanLeanLongVideo:
         if vae.patcher.model.z_dim != channels:
             raise ValueError(f"vae makes {vae.patcher.model.z_dim}-channel latents but the model {channels}: use the "
                              "Wan 2.2 VAE for TI2V-5B, the Wan 2.1 VAE for every other model")
+        if getattr(net, "img_emb", None) is not None and clip_vision_start is None:
+            raise ValueError("this Wan 2.1 image-to-video model needs the start image's CLIP encoding: connect "
+                             "clip_vision_start (Wan CLIP Vision Encode of the start image)")
         check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
         clips = count_clips(length, clip_length, overlap)
         plan = [(model, cfg, 0.0)] if low_noise_model is None else \

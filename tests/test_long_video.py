@@ -229,7 +229,7 @@ def _long_peak(clips, side=MEM_SIDE):
     torch.set_num_threads(2)
     model = WanDiT.from_state_dict(load_dit(os.path.join(SMOKE_MODELS, "diffusion_models",
                                                          "wan2.1_t2v_1.3B_fp16.safetensors"), torch.float32).sd).eval()
-    vae = WanVAE21.from_state_dict(load_vae(os.path.join(SMOKE_MODELS, "vae", "wan_2.1_vae.safetensors")).sd).eval()
+    vae = WanVAE21.from_state_dict(load_vae(os.path.join(SMOKE_MODELS, "vae", "wan_2.1_vae.safetensors")).sd).float().eval()
     text = model.text_embedding[0].in_features
 
     def run(n):
@@ -264,3 +264,28 @@ def test_memory_grows_with_the_output_only():
         print(f"{n} clips ({MEM_SIDE}x{MEM_SIDE}, {CLIP}-frame clips): peak RSS growth {peak / 2**20:.1f} MiB, "
               f"output {output / 2**20:.1f} MiB, the rest {work[n] / 2**20:.1f} MiB")
     assert max(work.values()) - min(work.values()) <= 8 * 2 ** 20, work
+
+
+def test_interrupt_stops_a_long_run(server):
+    """/interrupt during a long run (3 clips of 400 steps) ends the prompt as interrupted (within a step)."""
+    import json
+    import time
+
+    from comfy_host import Interrupted
+    from conftest import ROOT
+    from run_workflow import shrink
+    from workflow_api import set_inputs, ui_to_api
+    with open(os.path.join(ROOT, "workflows", "wan22_t2v_a14b_long.json"), encoding="utf-8") as f:
+        api = ui_to_api(json.load(f), server.object_info())
+    api = set_inputs(shrink(api, dict(SERVER_SIZE, steps=400)), {"WanLeanLongVideo.clip_length": CLIP,
+                                                                 "WanLeanLongVideo.seed": 11})
+    prompt_id = server.queue(api)
+    deadline = time.monotonic() + 120
+    while prompt_id not in server.running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(3.0)
+    asked = time.monotonic()
+    server.interrupt()
+    with pytest.raises(Interrupted):
+        server.wait(prompt_id, timeout=120)
+    assert time.monotonic() - asked < 30

@@ -63,8 +63,9 @@ def clip_prompts(lines, clips):
     """One prompt per clip from a list (the last one holds for the remaining clips); ValueError when there are more
     prompts than clips."""
     if len(lines) > clips:
-        raise ValueError(f"prompts has {len(lines)} lines but the length makes {clips} clips: remove "
-                         f"{len(lines) - clips} lines or raise length")
+        extra = len(lines) - clips
+        raise ValueError(f"prompts has {len(lines)} lines but the length makes {clips} clip{'s' * (clips > 1)}: "
+                         f"remove {extra} line{'s' * (extra > 1)} or raise length")
     return [lines[min(k, len(lines) - 1)] for k in range(clips)]
 
 
