@@ -217,7 +217,7 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
 
 # ---------------------------------------------------------------------------------------------- memory
 
-MEM_SIDE, MEM_CLIPS = 256, (1, 3, 6)
+MEM_SIDE, MEM_CLIPS = 128, (1, 3, 6)
 
 
 def _long_peak(clips, side=MEM_SIDE):
@@ -246,7 +246,8 @@ def _long_peak(clips, side=MEM_SIDE):
 
 def test_memory_grows_with_the_output_only():
     """Each clip count in a fresh process (large allocations mmapped so RSS follows live tensors): the peak RSS
-    growth minus the output video's bytes is the same for 1, 3 and 6 clips (within 8 MiB)."""
+    growth minus the output video's bytes is the same for 3 and 6 clips (within 2 MiB; one clip's decoded frames
+    are 2.4 MiB), and no larger for 1 clip (whose T2V clip 0 has nothing to encode)."""
     import subprocess
     import sys
 
@@ -263,7 +264,7 @@ def test_memory_grows_with_the_output_only():
         work[n] = peak - output
         print(f"{n} clips ({MEM_SIDE}x{MEM_SIDE}, {CLIP}-frame clips): peak RSS growth {peak / 2**20:.1f} MiB, "
               f"output {output / 2**20:.1f} MiB, the rest {work[n] / 2**20:.1f} MiB")
-    assert max(work.values()) - min(work.values()) <= 8 * 2 ** 20, work
+    assert abs(work[6] - work[3]) <= 2 * 2 ** 20 and work[1] <= work[3] + 2 * 2 ** 20, work
 
 
 def test_interrupt_stops_a_long_run(server):
