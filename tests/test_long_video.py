@@ -268,7 +268,7 @@ def test_memory_grows_with_the_output_only():
 
 
 def test_interrupt_stops_a_long_run(server):
-    """/interrupt during a long run (3 clips of 400 steps) ends the prompt as interrupted (within a step)."""
+    """/interrupt during a long run (3 clips of 200 steps) ends the prompt as interrupted (within a step)."""
     import json
     import time
 
@@ -278,7 +278,7 @@ def test_interrupt_stops_a_long_run(server):
     from workflow_api import set_inputs, ui_to_api
     with open(os.path.join(ROOT, "workflows", "wan22_t2v_a14b_long.json"), encoding="utf-8") as f:
         api = ui_to_api(json.load(f), server.object_info())
-    api = set_inputs(shrink(api, dict(SERVER_SIZE, steps=400)), {"WanLeanLongVideo.clip_length": CLIP,
+    api = set_inputs(shrink(api, dict(SERVER_SIZE, steps=200)), {"WanLeanLongVideo.clip_length": CLIP,
                                                                  "WanLeanLongVideo.seed": 11})
     prompt_id = server.queue(api)
     deadline = time.monotonic() + 120
