@@ -1,4 +1,5 @@
 """Glue shared by the nodes: ComfyUI's memory manager, dtypes, progress, latent previews and interrupts."""
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -88,3 +89,11 @@ def step_callback(total, node_id=None, channels=None, device=None):
         bar.update_absolute(step + 1, total, image)
 
     return callback
+
+
+def clips_step_callback(steps, clips, node_id=None, channels=None, device=None):
+    """step_callback for a loop of `clips` samplings of `steps` steps each: one bar over all of them (with previews
+    and interrupts at every step)."""
+    inner = step_callback(steps * clips, node_id, channels, device)
+    done = itertools.count()
+    return lambda _step, _steps, x, x0: inner(next(done), steps * clips, x, x0)

@@ -20,6 +20,14 @@ def text_memory(handle, batch):
     return values * torch.finfo(handle.dtype).bits // 8
 
 
+def encode_prompts(text_encoder, prompts):
+    """Prompts -> their umT5 features, one [L_i, dim] float32 CPU tensor each (trimmed to the real length)."""
+    model = text_encoder.load(text_memory(text_encoder, len(prompts)))
+    with torch.no_grad():
+        feats = encode_text(model, text_encoder.extra["tokenizer"], list(prompts), device=text_encoder.device)
+    return [f.float().cpu() for f in feats]
+
+
 class WanLeanTextEncode:
     DESCRIPTION = ("Encodes a prompt and a negative prompt with umT5 (prompts cleaned and padded to 512 tokens as the "
                    "official release does). English and Chinese both work.")
@@ -38,11 +46,8 @@ class WanLeanTextEncode:
         }}
 
     def encode(self, text_encoder, prompt, negative_prompt):
-        model = text_encoder.load(text_memory(text_encoder, 2))
-        with torch.no_grad():
-            pos, neg = encode_text(model, text_encoder.extra["tokenizer"], [prompt, negative_prompt],
-                                   device=text_encoder.device)
-        return ([[pad_context(pos.float().cpu()), {}]], [[pad_context(neg.float().cpu()), {}]])
+        pos, neg = encode_prompts(text_encoder, [prompt, negative_prompt])
+        return ([[pad_context(pos), {}]], [[pad_context(neg), {}]])
 
 
 NODE_CLASS_MAPPINGS = {"WanLeanTextEncode": WanLeanTextEncode}

@@ -1,6 +1,5 @@
 """Speech-to-video nodes (Wan2.2-S2V-14B): the wav2vec2 audio encoder, an audio file loader, and one node that
 renders a whole talking/singing video clip by clip, returning its frames and the audio trimmed to them."""
-import itertools
 import os
 
 import torch
@@ -16,7 +15,7 @@ from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
 from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
 from ..wan_core.wav2vec2 import Wav2Vec2
-from .common import CATEGORY, Handle, casting_ops, step_callback
+from .common import CATEGORY, Handle, casting_ops, clips_step_callback
 from .decode import decode_memory, encode_memory
 from .sampler import SAMPLER, activation_memory, passes, to_cond
 
@@ -148,9 +147,7 @@ class WanLeanSpeechToVideo:
     @staticmethod
     def _progress(steps, clips, node_id, model):
         """One bar over all clips' steps, with the latent preview of each step; interrupts between steps."""
-        inner = step_callback(steps * clips, node_id, model.patcher.model.out_dim, model.device)
-        done = itertools.count()
-        return lambda _step, _steps, x, x0: inner(next(done), steps * clips, x, x0)
+        return clips_step_callback(steps, clips, node_id, model.patcher.model.out_dim, model.device)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -108,6 +108,16 @@ def cfg_widget(name, default, what):
                              "tooltip": f"Classifier-free guidance scale{what}; 1 skips the negative pass."})}
 
 
+def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
+    """[Expert] for [(handle, cfg, min_t)]: each loaded through ComfyUI's memory manager (with the activation estimate
+    of a latent of `shape`) when the sampler reaches it, so the A14B experts take turns on the device; with caching on,
+    each gets its own step cache."""
+    use_cache = cache.enabled(cache_threshold, cache_interval)
+    return [Expert(lambda h=h, b=passes(cfg): h.load(activation_memory(h.patcher.model, shape, h.dtype, b)), cfg,
+                   min_t, cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
+            for h, cfg, min_t in models_cfgs]
+
+
 def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
         cache_threshold=0.0, cache_interval=0):
     """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached;
@@ -121,10 +131,7 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     for handle, *_ in models_cfgs:
         check_fit(handle, cond, shape)
     check_memory(first, shape, max(passes(cfg) for _, cfg, _ in models_cfgs))
-    use_cache = cache.enabled(cache_threshold, cache_interval)
-    experts = [Expert(lambda h=h, b=passes(cfg): h.load(activation_memory(h.patcher.model, shape, h.dtype, b)),
-                      cfg, min_t, cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
-               for h, cfg, min_t in models_cfgs]
+    experts = make_experts(models_cfgs, shape, cache_threshold, cache_interval)
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
                       height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,
                       callback=step_callback(steps, node_id, channels, first.device))

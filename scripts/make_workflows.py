@@ -46,13 +46,18 @@ SLOTS = {
                               ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("ref_image", "IMAGE"),
                               ("audio", "AUDIO"), ("pose_video", "IMAGE")], [("frames", "IMAGE"), ("audio", "AUDIO")]),
     "WanLeanLoraLoader": ([("model", "WANLEAN_MODEL")], [("model", "WANLEAN_MODEL")]),
+    "WanLeanLongVideo": ([("model", "WANLEAN_MODEL"), ("vae", "WANLEAN_VAE"), ("positive", "CONDITIONING"),
+                          ("negative", "CONDITIONING"), ("start_image", "IMAGE"), ("end_image", "IMAGE"),
+                          ("clip_vision_start", "CLIP_VISION_OUTPUT"), ("clip_vision_end", "CLIP_VISION_OUTPUT"),
+                          ("low_noise_model", "WANLEAN_MODEL"), ("text_encoder", "WANLEAN_TEXT_ENCODER")],
+                         [("frames", "IMAGE")]),
     "LoadVideo": ([], [("VIDEO", "VIDEO")]),
     "GetVideoComponents": ([("video", "VIDEO")], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "MarkdownNote": ([], []),
 }
 # room each node needs on the canvas (the frontend grows nodes to fit widgets and image previews)
-HEIGHTS = {"WanLeanSpeechToVideo": 480, "LoadVideo": 420, "WanLeanSampler": 400, "WanLeanSamplerA14B": 480, "LoadImage": 420, "WanLeanTextEncode": 320,
+HEIGHTS = {"WanLeanSpeechToVideo": 480, "WanLeanLongVideo": 720, "LoadVideo": 420, "WanLeanSampler": 400, "WanLeanSamplerA14B": 480, "LoadImage": 420, "WanLeanTextEncode": 320,
            "WanLeanImageToVideo": 260, "MarkdownNote": 300, "WanLeanSaveVideo": 360}
 PER_COLUMN = 3
 PROMPT = "A cat walks on the grass, realistic style, soft sunlight, the camera slowly follows it."
@@ -228,6 +233,39 @@ def a14b(kind, cfgs, shift, boundary, title, distilled=False):
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
 
 
+LONG_PROMPTS = ("A cat walks on the grass towards a wooden fence, realistic style, soft sunlight.",
+                "The cat jumps onto the fence and looks around, the camera slowly follows it.",
+                "The cat sits on the fence at sunset, warm light, gentle breeze in the grass.")
+
+
+def a14b_long(kind, cfgs, shift, boundary, title):
+    """Wan 2.2 A14B long video: Wan Long Video with both experts, 3 clips of 81 frames at 832x480 (overlap 5);
+    T2V with one prompt line per clip."""
+    files = [f"wan2.2_{kind}_high_noise_14B_fp16.safetensors", f"wan2.2_{kind}_low_noise_14B_fp16.safetensors"]
+    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21],
+                    f"Official per-clip defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} / {cfgs[1]}, expert "
+                    f"switch at {boundary}x1000. 3 clips of 81 frames, each continuing from the last 5 frames of the one "
+                    "before (cross-faded): 233 frames, about 15 s at 16 fps. length must be 81 + (clips - 1) x 76.")
+    high, low = (g.add("WanLeanModelLoader", [f, "default", "auto", "off"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
+    te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
+    enc = g.add("WanLeanTextEncode", [PROMPT if kind == "t2v" else I2V_PROMPT, OFFICIAL_NEGATIVE_PROMPT],
+                text_encoder=(te, "text_encoder"))
+    vae = g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    links = dict(model=(high, "model"), vae=(vae, "vae"), positive=(enc, "positive"), negative=(enc, "negative"),
+                 low_noise_model=(low, "model"))
+    prompts = ""
+    if kind == "i2v":
+        links["start_image"] = (images(g, None, ("wan_example_start.png",))[0][0], "IMAGE")
+    else:
+        links["text_encoder"], prompts = (te, "text_encoder"), "\n".join(LONG_PROMPTS)
+    g.card["size"] = (832, 480, "3 x 81-frame clips")
+    s = g.add("WanLeanLongVideo", [0, "fixed", 40, cfgs[0], shift, "unipc", 832, 480, 233, 81, 5, cfgs[1], boundary, prompts],
+              **links)
+    g.add("WanLeanSaveVideo", [16, f"wan/{kind}_a14b_long", 19], frames=(s, "frames"))
+    g.card["fps"] = 16
+    return g
+
+
 def ti2v(with_image):
     model_file = "wan2.2_ti2v_5B_fp16.safetensors"
     g = start_graph(f"Wan 2.2 TI2V-5B ({'image' if with_image else 'text'} to video, 1280x704)",
@@ -286,6 +324,8 @@ WORKFLOWS = {
                                        lora=LIGHTX2V["t2v"]),
     "wan21_i2v_480p_lightx2v.json": i2v_21("wan2.1_i2v_480p_14B_fp16.safetensors", 832, 480, 4, 5.0,
                                            "Wan 2.1 I2V-14B-480P (4 steps, lightx2v LoRA)", lora=LIGHTX2V["i2v"]),
+    "wan22_t2v_a14b_long.json": a14b_long("t2v", (4.0, 3.0), 12.0, 0.875, "Wan 2.2 T2V-A14B, long video (3 clips, a prompt each)"),
+    "wan22_i2v_a14b_long.json": a14b_long("i2v", (3.5, 3.5), 5.0, 0.9, "Wan 2.2 I2V-A14B, long video (3 chained clips)"),
     "wan22_ti2v_5b_t2v.json": ti2v(False),
     "wan22_ti2v_5b_i2v.json": ti2v(True),
     "wan22_s2v.json": s2v("Wan 2.2 S2V-14B (image + speech, one clip)"),

@@ -20,6 +20,7 @@ T2V, I2V, FLF, A14B_T, A14B_I, TI2V_T, TI2V_I = (
 M, V, TE, CV = ("WanLeanModelLoader.model_name", "WanLeanVAELoader.vae_name",
                 "WanLeanTextEncoderLoader.text_encoder_name", "WanLeanCLIPVisionLoader.clip_name")
 S, I2VN = "WanLeanSampler", "WanLeanImageToVideo"
+LONG_T, LONG_I, L = "wan22_t2v_a14b_long.json", "wan22_i2v_a14b_long.json", "WanLeanLongVideo"
 
 
 def node_id(api, class_type, title=None):
@@ -34,6 +35,10 @@ def link_end_image(api):
 def batch_of_two(api):
     api["900"] = {"class_type": "RepeatImageBatch", "inputs": {"image": [node_id(api, "LoadImage"), 0], "amount": 2}}
     api[node_id(api, I2VN)]["inputs"]["start_image"] = ["900", 0]
+
+
+def unlink_start(api):
+    del api[node_id(api, L)]["inputs"]["start_image"]
 
 
 def odd_frames(api):
@@ -77,6 +82,15 @@ CASES = [
     ("ti2v-with-end-image", TI2V_I, {}, link_end_image, "TI2V-5B takes a start image only"),
     ("two-start-images", I2V, {}, batch_of_two, "start_image holds 2 images"),
     ("odd-frame-size", T2V, {}, odd_frames, "H.264 needs even frame sizes"),
+    ("long-length-not-whole-clips", LONG_T, {f"{L}.length": 40, f"{L}.clip_length": 13}, None,
+     "Wan Long Video: length 40 is not a whole number of clips: n clips make clip_length + (n - 1) x (clip_length - "
+     "overlap) = 13 + (n - 1) x 8 frames; use 37 (4 clips) or 45 (5 clips)"),
+    ("long-more-prompts-than-clips", LONG_T, {f"{L}.length": 21, f"{L}.clip_length": 13}, None,
+     "Wan Long Video: prompts has 3 lines but the length makes 2 clips: remove 1 line or raise length"),
+    ("long-overlap-too-large", LONG_T, {f"{L}.length": 13, f"{L}.clip_length": 13, f"{L}.overlap": 9}, None,
+     "overlap 9 must be 1+4j frames and less than half of clip_length 13"),
+    ("long-i2v-without-start-image", LONG_I, {f"{L}.length": 13, f"{L}.clip_length": 13}, unlink_start,
+     "needs a start image: connect start_image"),
 ]
 
 

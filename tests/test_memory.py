@@ -519,3 +519,33 @@ def test_free_returns_the_server_rss(tmp_path, smoke_models):
     _, warm, loaded, unloaded, freed, again = rss.values()
     assert loaded - warm > 0.8 * size and unloaded - warm > 0.8 * size  # the model really was in memory
     assert max(freed, again) <= 1.1 * warm
+
+
+def test_long_video_experts_take_turns_in_every_clip(nodes, fake_gpu):
+    """Wan Long Video with the A14B pair, 2 clips, on a device that fits one expert (plus the activations): in every
+    clip the high-noise expert is loaded and then the low-noise one in its place, the VAE between the clips; the
+    frames equal the unconstrained run's."""
+    long_video = pack_module("long_video")
+    high, = nodes.loaders.WanLeanModelLoader().load(HIGH, "default")
+    low, = nodes.loaders.WanLeanModelLoader().load(LOW, "default")
+    vae, = nodes.loaders.WanLeanVAELoader().load("wan_2.1_vae.safetensors")
+    positive, negative = conds()
+
+    def run():
+        return long_video.WanLeanLongVideo().generate(
+            high, vae, positive, negative, seed=3, steps=4, cfg=4.0, shift=12.0, sampler="unipc", width=32, height=32,
+            length=9 + 8, clip_length=9, overlap=1, low_noise_model=low, cfg_low_noise=3.0, boundary=0.875)[0]
+
+    free_run = run()
+    mm.free_memory(1e30, FAKE)
+    fake_gpu.loads.clear()
+    act = nodes.sampler.activation_memory(high.patcher.model, (1, 16, 3, 4, 4), high.dtype)
+    fake_gpu.total = act + high.patcher.model_size()
+    out = run()
+    order = [p for p, *_ in fake_gpu.loads]
+    assert [p for p in order if p is not vae.patcher] == [high.patcher, low.patcher] * 2, order
+    assert order.index(vae.patcher) > order.index(low.patcher)  # clip 0 decoded after its low-noise steps
+    for patcher, _, on_device in fake_gpu.loads:
+        if patcher is low.patcher:
+            assert on_device.get(high.patcher, 0) == 0 and on_device[low.patcher] > 0
+    assert out.shape == (17, 32, 32, 3) and torch.equal(out, free_run)

@@ -28,14 +28,16 @@ import latent_preview  # noqa: E402
 from comfy.cli_args import LatentPreviewMethod, args  # noqa: E402
 from protocol import BinaryEventTypes  # noqa: E402
 
-SAMPLERS = ("WanLeanSampler", "WanLeanSamplerA14B", "WanLeanSpeechToVideo")
+SAMPLERS = ("WanLeanSampler", "WanLeanSamplerA14B", "WanLeanSpeechToVideo", "WanLeanLongVideo")
 # workflow -> sizes (width / height multiples of 32 for TI2V-5B; the aspect ratios differ so a swap shows)
 CASES = {
     "wan21_t2v_1.3B.json": {"width": 160, "height": 96, "length": 9, "steps": 3},   # Wan 2.1 VAE latents, 16 ch
     "wan22_ti2v_5b_i2v.json": {"width": 224, "height": 96, "length": 9, "steps": 3},  # Wan 2.2 VAE latents, 48 ch
     "wan22_t2v_a14b.json": {"width": 96, "height": 160, "length": 9, "steps": 4},    # two experts, one bar
     "wan22_s2v.json": {"width": 64, "height": 64, "steps": 2},                       # one S2V clip
+    "wan22_i2v_a14b_long.json": {"width": 64, "height": 96, "length": 29, "clip_length": 13, "steps": 2},  # 3 clips
 }
+CLIPS = {"wan22_i2v_a14b_long.json": 3}  # one bar and one preview per step over all clips
 # a client that announces supports_preview_metadata (the frontend does) gets previews tagged with their node
 FEATURES = {"wan22_t2v_a14b.json": {"supports_preview_metadata": True}}
 
@@ -113,7 +115,7 @@ def check_size(image, sizes):
 @pytest.mark.parametrize("name", CASES)
 def test_one_preview_per_step(preview_server, name):
     heard = listen(preview_server, name, features=FEATURES.get(name))
-    steps = CASES[name]["steps"]
+    steps = CASES[name]["steps"] * CLIPS.get(name, 1)
     progress = sampler_progress(heard)
     assert [v for _, v in progress] == list(range(1, steps + 1)), progress
     tagged = name in FEATURES

@@ -28,7 +28,8 @@ SAMPLER_OVERRIDES = {
 PACK_NODES = {"WanLeanModelLoader", "WanLeanVAELoader", "WanLeanTextEncoderLoader", "WanLeanCLIPVisionLoader",
               "WanLeanTextEncode", "WanLeanCLIPVisionEncode", "WanLeanImageToVideo", "WanLeanSampler",
               "WanLeanSamplerA14B", "WanLeanVAEDecode", "WanLeanSaveVideo", "WanLeanLoraLoader",
-              "WanLeanAudioEncoderLoader", "WanLeanLoadAudio", "WanLeanSpeechToVideo", "WanLeanParallelSampler"}
+              "WanLeanAudioEncoderLoader", "WanLeanLoadAudio", "WanLeanSpeechToVideo", "WanLeanParallelSampler",
+              "WanLeanLongVideo"}
 
 
 def test_pack_loads_without_errors(server):
@@ -62,7 +63,19 @@ def test_s2v_workflow_writes_mp4_with_audio(server, workflow):
     assert abs(info["audio_duration"] - info["duration"]) <= 1 / 16, info
 
 
-@pytest.mark.parametrize("workflow", [w for w in WORKFLOWS if "s2v" not in w])
+LONG_WORKFLOWS = [w for w in WORKFLOWS if w.endswith("_long.json") and "s2v" not in w]
+
+
+@pytest.mark.parametrize("workflow", LONG_WORKFLOWS)
+def test_long_workflow_writes_mp4(server, workflow):
+    """Wan Long Video: 3 clips of 13 frames overlapping by 5 -> 13 + 2 x 8 = 29 frames."""
+    files = run_workflow(server, workflow, {"WanLeanLongVideo.clip_length": 13, "WanLeanLongVideo.overlap": 5},
+                         sizes={"width": 64, "height": 64, "length": 29, "steps": 2})
+    info = probe(next(f for f in files if f.endswith(".mp4")))
+    assert (info["frames"], info["width"], info["height"], info["fps"]) == (29, 64, 64, 16)
+
+
+@pytest.mark.parametrize("workflow", [w for w in WORKFLOWS if "s2v" not in w and w not in LONG_WORKFLOWS])
 def test_workflow_writes_mp4(server, workflow):
     width, height, length = 128, 64, 5  # multiples of 32 for TI2V-5B
     distilled = "4step" in workflow or "lightx2v" in workflow  # their 4 steps: the training timesteps

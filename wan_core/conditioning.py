@@ -34,15 +34,23 @@ def image_latents(vae, start, end, width, height, length):
         if end is not None:
             raise ValueError("TI2V-5B takes a start image only: disconnect end_image")
         return None, vae.encode(start[:, :, None])
-    frames = torch.zeros(1, 3, length, height, width, dtype=start.dtype, device=start.device)
-    frames[:, :, 0] = start[:, :]
+    if end is not None and length < 5:
+        raise ValueError("a first-last-frame video needs a length of at least 5 frames")
+    return known_frames_y(vae, start[:, :, None], None if end is None else fit(end, width, height), length), None
+
+
+def known_frames_y(vae, known, end, length):
+    """The I2V/FLF2V channel conditioning of a video of `length` frames that starts with the pixel frames `known`
+    [1, 3, n, H, W] (and ends on the image `end` [1, 3, H, W], FLF2V): [mask (1 on the known frames), latent of
+    [known..., zeros..., end]] -> [1, 4 + z, T_lat, h, w]."""
+    n = known.shape[2]
+    frames = known.new_zeros(1, 3, length, *known.shape[-2:])
+    frames[:, :, :n] = known
     if end is not None:
-        if length < 5:
-            raise ValueError("a first-last-frame video needs a length of at least 5 frames")
-        frames[:, :, -1] = fit(end, width, height)
+        frames[:, :, -1] = end
     latent = vae.encode(frames)
-    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], last=end is not None).to(latent)
-    return torch.cat([mask, latent], dim=1), None
+    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], last=end is not None, first=n).to(latent)
+    return torch.cat([mask, latent], dim=1)
 
 
 def clip_tokens(start, end=None):

@@ -55,11 +55,11 @@ def pad_context(ctx, length=512):
     return F.pad(ctx, (0, 0, 0, length - ctx.shape[0]))[None]
 
 
-def frame_mask(length, h, w, last=False):
-    """The I2V/FLF2V 4-channel mask [1, 4, T_lat, h, w]: 1 on known pixel frames (the first, and the last
-    for FLF2V), the first frame repeated 4x, then every 4 pixel frames folded into one latent frame."""
+def frame_mask(length, h, w, last=False, first=1):
+    """The I2V/FLF2V 4-channel mask [1, 4, T_lat, h, w]: 1 on known pixel frames (the first `first` ones, and the
+    last for FLF2V), the first frame repeated 4x, then every 4 pixel frames folded into one latent frame."""
     m = torch.zeros(length + 3, h, w)
-    m[:4] = 1
+    m[:3 + first] = 1
     if last:
         m[-1] = 1
     return m.view(-1, 4, h, w).transpose(0, 1)[None]
@@ -68,11 +68,15 @@ def frame_mask(length, h, w, last=False):
 @dataclass
 class Cond:
     """One branch's conditioning: text features [L, D] plus, for image models, CLIP tokens, the channel
-    conditioning y (mask + image latent) or the TI2V first-frame latent."""
+    conditioning y (mask + image latent) or the TI2V first-frame latent(s) [1, C, n, h, w] (their tokens see t = 0);
+    for any model, `pinned` latent frames [1, C, n, h, w] held at the start of the video by inpainting (the
+    denoiser reports x0 = pinned there at every step, so the solver keeps them on the path (1 - sigma) * pinned +
+    sigma * noise and ends exactly on them): how a text-to-video model continues given frames."""
     context: torch.Tensor
     clip: Optional[torch.Tensor] = None
     y: Optional[torch.Tensor] = None
     first_frame: Optional[torch.Tensor] = None
+    pinned: Optional[torch.Tensor] = None
 
 
 def preview_frame(x0):
@@ -101,11 +105,12 @@ def _model_inputs(x, t, cond, both):
     """The batched (cond, uncond) x, per-token or per-sample t, and extras for one model call."""
     xin = torch.cat([x, x]) if both else x
     batch = xin.shape[0]
-    if cond.first_frame is not None:  # TI2V: the image latent replaces frame 0, whose tokens see t = 0
-        xin = torch.cat([cond.first_frame.to(xin).expand(batch, -1, 1, -1, -1), xin[:, :, 1:]], dim=2)
+    if cond.first_frame is not None:  # TI2V: the image latent(s) replace the first frame(s), whose tokens see t = 0
+        n = cond.first_frame.shape[2]
+        xin = torch.cat([cond.first_frame.to(xin).expand(batch, -1, -1, -1, -1), xin[:, :, n:]], dim=2)
         _, _, f, h, w = xin.shape
         tin = torch.full((batch, f, h // 2, w // 2), float(t), device=x.device)
-        tin[:, 0] = 0
+        tin[:, :n] = 0
         return xin, tin.flatten(1)
     return xin, torch.full((batch,), float(t), device=x.device)
 
@@ -125,12 +130,18 @@ def make_denoiser(experts, cond, uncond, dtype):
         extra = {} if expert.cache is None else {"cache": expert.cache}
         v = current["model"](xin.to(dtype), tin, ctx.to(x.device, dtype),
                              clip=_cat(cond.clip, uncond.clip, both), y=_cat(cond.y, uncond.y, both), **extra).float()
-        if not both:
-            return v
-        c, u = v.chunk(2)
-        return u + expert.cfg * (c - u)
+        if both:
+            c, u = v.chunk(2)
+            v = u + expert.cfg * (c - u)
+        return v if cond.pinned is None else _pin(v, x, sigma, cond.pinned)
 
     return denoise
+
+
+def _pin(v, x, sigma, pinned):
+    """The velocity whose x0 = x - sigma * v is `pinned` on the first pinned frames (model output elsewhere)."""
+    n = pinned.shape[2]
+    return torch.cat([(x[:, :, :n] - pinned.to(x)) / sigma, v[:, :, n:]], dim=2)
 
 
 def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, height, length, channels=16,
@@ -142,6 +153,7 @@ def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, heigh
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
         x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback, generator=generator)
-    if cond.first_frame is not None:
-        x[:, :, :1] = cond.first_frame.to(x)
+    for known in (cond.first_frame, cond.pinned):
+        if known is not None:
+            x[:, :, :known.shape[2]] = known.to(x)
     return x

@@ -1,0 +1,149 @@
+"""Wan Long Video: one node that renders a long video from any Wan model but S2V as clips chained by their last
+frames (wan_core/long_video.py), decoding each clip as it is done and returning the frames."""
+import torch
+
+import comfy.model_management as mm
+
+from ..wan_core.conditioning import clip_tokens, fit, to_pixels
+from ..wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, generate_long
+from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
+from ..wan_core.s2v import WanS2V
+from .common import CATEGORY, clips_step_callback
+from .conditioning import encode_prompts
+from .image import _tokens
+from .s2v import VAEOnDevice
+from .sampler import cfg_widget, check_experts, check_memory, make_experts, to_cond, widgets
+
+NODE = "Wan Long Video"
+
+
+def _inputs():
+    spec = widgets(40, cfg_widget("cfg", 5.0, " (A14B: of the high-noise expert)"), 5.0)
+    spec["length"] = ("INT", {"default": 233, "min": 5, "max": 100000, "step": 4, "tooltip":
+                              "Total frames: clip_length + (clips - 1) x (clip_length - overlap), e.g. 233 = 3 clips "
+                              "of 81 with overlap 5 (about 15 s at 16 fps). Other lengths are refused with the nearest "
+                              "valid ones."})
+    spec["clip_length"] = ("INT", {"default": 81, "min": 5, "max": 1025, "step": 4,
+                                   "tooltip": "Frames per clip, 1+4k (81 for Wan 2.1 / A14B, 121 for TI2V-5B)."})
+    spec["overlap"] = ("INT", {"default": 5, "min": 1, "max": 509, "step": 4, "tooltip":
+                               "Frames each clip shares with the one before (1+4j, under half a clip): the next clip "
+                               "starts from these last frames, and the two renderings of them are cross-faded. 1 "
+                               "carries only the picture, 5 or more also the motion."})
+    return spec
+
+
+class WanLeanLongVideo:
+    DESCRIPTION = ("A long video in clips, each continuing from the last frames of the one before through the model's "
+                   "own image path (I2V / FLF2V / I2V-A14B: the I2V mask and latent of those frames; TI2V-5B: those "
+                   "latents at timestep 0; T2V: those latents held by inpainting). The shared frames are cross-faded; "
+                   "clip k uses seed + k; one prompt line per clip (optional). Returns the decoded frames.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("frames",)
+    FUNCTION = "generate"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("WANLEAN_MODEL", {"tooltip": "Any Wan model but S2V (A14B: the high-noise expert)."}),
+            "vae": ("WANLEAN_VAE", {"tooltip": "The model family's VAE (Wan 2.2 VAE for TI2V-5B, else Wan 2.1)."}),
+            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode): every clip's prompt unless "
+                                                     "prompts is set. Give images to this node, not through Wan Image To Video."}),
+            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features (Wan Text Encode)."}),
+            **_inputs(),
+        }, "optional": {
+            "start_image": ("IMAGE", {"tooltip": "The first frame (needed by I2V / FLF2V / I2V-A14B; TI2V-5B and T2V "
+                                                 "start from it when given). Scaled to cover the size, centre-cropped."}),
+            "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last clip ends on it."}),
+            "clip_vision_start": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan 2.1 I2V / FLF2V: CLIP encoding of the start "
+                                                                    "image, kept for every clip as the identity anchor."}),
+            "clip_vision_end": ("CLIP_VISION_OUTPUT", {"tooltip": "FLF2V: CLIP encoding of the end image."}),
+            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "Wan 2.2 A14B: the low-noise expert (`model` is then the "
+                                                             "high-noise one); ComfyUI loads one at a time."}),
+            **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert (A14B only)"),
+            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005, "tooltip":
+                                   "A14B: switch to the low-noise expert below timestep boundary*1000 (official: "
+                                   "0.875 T2V, 0.900 I2V)."}),
+            "text_encoder": ("WANLEAN_TEXT_ENCODER", {"tooltip": "Needed for prompts (Wan Load Text Encoder)."}),
+            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
+                                   "One prompt per line, line k for clip k (the last line holds for the clips after "
+                                   "it; more lines than clips is refused). Empty: positive for every clip."}),
+        }, "hidden": {"node_id": "UNIQUE_ID"}}
+
+    def generate(self, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+                 clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
+                 low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts="", node_id=None):
+        try:
+            return self._generate(model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height,
+                                  length, clip_length, overlap, start_image, end_image, clip_vision_start,
+                                  clip_vision_end, low_noise_model, cfg_low_noise, boundary, text_encoder, prompts,
+                                  node_id)
+        except ValueError as e:
+            raise ValueError(f"{NODE}: {e}") from e
+
+    def _generate(self, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+                  clip_length, overlap, start_image, end_image, clip_vision_start, clip_vision_end, low_noise_model,
+                  cfg_low_noise, boundary, text_encoder, prompts, node_id):
+        net = model.patcher.model
+        if isinstance(net, WanS2V):
+            raise ValueError("model is the S2V model: use Wan Speech To Video, which chains its clips itself")
+        kind, channels = conditioning_kind(net.in_dim, net.out_dim), net.out_dim
+        if vae.patcher.model.z_dim != channels:
+            raise ValueError(f"vae makes {vae.patcher.model.z_dim}-channel latents but the model {channels}: use the "
+                             "Wan 2.2 VAE for TI2V-5B, the Wan 2.1 VAE for every other model")
+        if getattr(net, "img_emb", None) is not None and clip_vision_start is None:
+            raise ValueError("this Wan 2.1 image-to-video model needs the start image's CLIP encoding: connect "
+                             "clip_vision_start (Wan CLIP Vision Encode of the start image)")
+        check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
+        clips = count_clips(length, clip_length, overlap)
+        plan = [(model, cfg, 0.0)] if low_noise_model is None else \
+            [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first
+        check_experts([h for h, *_ in plan])
+        shape = latent_shape(width, height, clip_length, channels)
+        check_memory(model, shape)
+        job = self._job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width,
+                        height, clip_vision_start, clip_vision_end)
+        total = clip_length + (clips - 1) * (clip_length - overlap)
+        out = torch.empty(total, height, width, 3, dtype=torch.float32, device=mm.intermediate_device())
+        frames = generate_long(make_experts(plan, shape), VAEOnDevice(vae), job, clips=clips,
+                               clip_length=clip_length, overlap=overlap, seed=seed, steps=steps, shift=shift,
+                               sampler=sampler, width=width, height=height, channels=channels, device=model.device,
+                               dtype=model.dtype, callback=clips_step_callback(steps, clips, node_id, channels, model.device),
+                               on_clip=lambda *_: mm.throw_exception_if_processing_interrupted())
+        done = 0
+        for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
+            out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+            done += chunk.shape[1]
+        return (out,)
+
+    @staticmethod
+    def _job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width, height,
+             clip_vision_start, clip_vision_end):
+        """The clip-independent conditioning: text per clip, images at the video size, the CLIP anchor."""
+        cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
+        if cond.y is not None or cond.first_frame is not None:
+            raise ValueError("positive already carries image conditioning (Wan Image To Video): connect Wan Text "
+                             "Encode directly and give the image to start_image")
+        if kind == "image" and start_image is None:
+            raise ValueError("this image-to-video model needs a start image: connect start_image")
+        if end_image is not None and kind != "image":
+            raise ValueError("end_image is for FLF2V only: disconnect it")
+        lines = [line.strip() for line in prompts.splitlines() if line.strip()]
+        contexts = [cond.context] * clips
+        if lines:
+            if text_encoder is None:
+                raise ValueError("prompts needs the text encoder: connect text_encoder (Wan Load Text Encoder)")
+            per_clip = clip_prompts(lines, clips)
+            unique = list(dict.fromkeys(per_clip))
+            feats = [f for i in range(0, len(unique), 2) for f in encode_prompts(text_encoder, unique[i:i + 2])]
+            contexts = [feats[unique.index(p)] for p in per_clip]
+        image = lambda img, name: None if img is None else fit(to_pixels(img, name), width, height)  # noqa: E731
+        tokens = _tokens(clip_vision_start, "clip_vision_start")
+        if tokens is not None:
+            tokens = clip_tokens(tokens, _tokens(clip_vision_end, "clip_vision_end"))
+        return LongJob(kind, contexts, uncond.context, image(start_image, "start_image"), image(end_image, "end_image"),
+                       tokens)
+
+
+NODE_CLASS_MAPPINGS = {"WanLeanLongVideo": WanLeanLongVideo}
+NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanLongVideo": "Wan Long Video (clips chained)"}
