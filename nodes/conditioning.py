@@ -1,6 +1,7 @@
 """Text encoding: prompt and negative prompt through umT5 into native CONDITIONING."""
 import torch
 
+from ..wan_core.checks import ENCODER_CAUSE, check_finite
 from ..wan_core.pipeline import pad_context
 from ..wan_core.t5 import encode_text
 from ..wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT
@@ -42,6 +43,8 @@ class WanLeanTextEncode:
         with torch.no_grad():
             pos, neg = encode_text(model, text_encoder.extra["tokenizer"], [prompt, negative_prompt],
                                    device=text_encoder.device)
+        for features, name in ((pos, "prompt"), (neg, "negative prompt")):
+            check_finite(features, f"the umT5 features of the {name}", ENCODER_CAUSE)
         return ([[pad_context(pos.float().cpu()), {}]], [[pad_context(neg.float().cpu()), {}]])
 
 

@@ -137,8 +137,8 @@ class WanLeanParallelSampler:
         devices = parse_devices(devices)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
-        cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
         net = model.patcher.model
+        cond, uncond = to_cond(positive, "positive", net), to_cond(negative, "negative", net)
         check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)

@@ -36,9 +36,13 @@ def latent_shape(width, height, length, channels=16, batch=1):
     return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
+SEED_SPACE = 2 ** 64  # seeds wrap modulo 2^64 (the widgets' range), so seed + clip never overflows the generator
+
+
 def initial_noise(shape, seed):
-    """Seeded Gaussian noise from a CPU generator (the same on every device)."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    """Seeded Gaussian noise from a CPU generator (the same on every device); any integer seed, taken mod 2^64."""
+    generator = torch.Generator("cpu").manual_seed(int(seed) % SEED_SPACE)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
 def pad_context(ctx, length=512):

@@ -12,6 +12,8 @@ import math
 import numpy as np
 import torch
 
+from .checks import MODEL_CAUSE, check_finite
+
 SAMPLERS = ("unipc", "dpm++", "euler")
 TRAIN_STEPS = 1000
 # The official FlowUniPCMultistepScheduler's sigma_max: 1 - 1/1000 stored as float32, then read back.
@@ -174,7 +176,8 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None):
 
     denoise(x_t float32, sigma: float, timestep: int64 0-dim tensor) -> velocity (CFG done by the caller).
     callback(i, steps, x_next, x0_pred) after each step; exceptions propagate (interrupts).
-    Euler runs on the UniPC schedule.
+    Euler runs on the UniPC schedule. A step whose prediction holds NaN/inf stops the run (checks.NonFiniteError
+    naming the step and the likely cause) instead of carrying it into a black video.
     """
     sigmas, timesteps = schedule(sampler, steps, shift)
     solver = _SOLVERS[sampler](sigmas.tolist())
@@ -183,7 +186,7 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None):
     for i in range(steps):
         sigma = float(sigmas[i])
         v = denoise(xt, sigma, timesteps[i]).to(xt)
-        x0 = xt - sigma * v
+        x0 = check_finite(xt - sigma * v, f"the diffusion model's prediction at step {i + 1} of {steps}", MODEL_CAUSE)
         xt = solver.step(i, xt, v, x0)
         if callback is not None:
             callback(i, steps, xt, x0)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .checks import check_tensors
 from .dit import WanDiT
 from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
 from .tokenizer import train_smoke_spm
@@ -70,7 +71,9 @@ def official_to_hf(sd):
 
 
 def _state(module, dtype):
-    return {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    """The module's tensors in `dtype`, every value finite there (a smoke file holding inf makes NaN videos)."""
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    return check_tensors(sd, f"smoke {type(module).__name__} in {dtype}", "fix its initialisation in wan_core/smoke.py")
 
 
 def write_text_encoders(root):
@@ -131,15 +134,19 @@ def write_s2v(root):
 
 
 def write_clip(root):
-    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1."""
+    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1. The class
+    embedding (created uninitialised) is drawn like CLIP's own init, N(0, dim^-0.5)."""
     torch.manual_seed(3)
-    sd = _state(WanCLIPVision(**CLIP_TINY), torch.float16)
+    model = WanCLIPVision(**CLIP_TINY)
+    with torch.no_grad():
+        model.embeddings.class_embedding.normal_(0, CLIP_TINY["dim"] ** -0.5)
+    sd = _state(model, torch.float16)
     save_file({"vision_model." + k: v for k, v in sd.items()}, os.path.join(root, "clip_vision", "clip_vision_h.safetensors"))
 
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v4")
+    stamp = os.path.join(root, ".smoke-v5")
     if os.path.exists(stamp) and not force:
         return root
     for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders"):
