@@ -1,6 +1,8 @@
 """Speech-to-video nodes (Wan2.2-S2V-14B): the wav2vec2 audio encoder, an audio file loader, and one node that
 renders a whole talking/singing video clip by clip, returning its frames and the audio trimmed to them."""
+import hashlib
 import itertools
+import logging
 import os
 
 import torch
@@ -8,8 +10,8 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
-from ..wan_core.audio import (audio_buckets, clips_for, from_comfy_audio, load_audio, prepare, to_comfy_audio,
-                              trim_to_video, video_frames)
+from ..wan_core.audio import (SAMPLE_RATE, audio_buckets, clips_for, encode_for_clips, from_comfy_audio, load_audio,
+                              prepare, readable_extensions, to_comfy_audio, trim_to_video, video_frames)
 from ..wan_core.checkpoint import read_file
 from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
 from ..wan_core.conditioning import fit, pose_pixels, to_pixels
@@ -22,7 +24,6 @@ from .common import CATEGORY, Handle, casting_ops, step_callback
 from .decode import decode_memory, encode_memory
 from .sampler import activation_memory, to_cond
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
 
 
 class WanLeanAudioEncoderLoader:
@@ -45,8 +46,19 @@ class WanLeanAudioEncoderLoader:
         return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32),)
 
 
+def file_fingerprint(path):
+    """sha256 of a file's bytes: ComfyUI re-runs a node when this changes (a file overwritten under the same name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class WanLeanLoadAudio:
-    DESCRIPTION = "Reads a wav, flac or ogg file from ComfyUI's input folder (soundfile) as AUDIO."
+    DESCRIPTION = ("Reads an audio file from ComfyUI's input folder (soundfile) as AUDIO: wav, flac, ogg and, with "
+                   "libsndfile >= 1.1, mp3 (only what the installed libsndfile reads is listed; convert m4a/aac to one "
+                   "of those, or use ComfyUI's Load Audio). A file overwritten under the same name is read again.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("AUDIO",)
     RETURN_NAMES = ("audio",)
@@ -54,9 +66,15 @@ class WanLeanLoadAudio:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(AUDIO_EXTENSIONS)]
+        readable = readable_extensions()
+        files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(readable)]
         return {"required": {"audio_file": (sorted(files), {"audio_upload": True,
                                                            "tooltip": "A speech or song file in ComfyUI's input folder."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, audio_file):
+        path = folder_paths.get_annotated_filepath(audio_file)
+        return file_fingerprint(path) if os.path.isfile(path) else audio_file
 
     def load(self, audio_file):
         wave, rate = load_audio(folder_paths.get_annotated_filepath(audio_file))
@@ -86,7 +104,10 @@ def audio_features(encoder, audio, clips_wanted):
     clips = clips_for(frames) if clips_wanted == 0 else min(clips_wanted, clips_for(frames))
     model = encoder.load()
     with torch.no_grad():
-        hidden = check_finite(model(speech[None].to(encoder.device)).float().cpu(), "the wav2vec2 features", ENCODER_CAUSE)
+        hidden, encoded = encode_for_clips(lambda x: model(x.to(encoder.device)).float().cpu(), speech, clips)
+    check_finite(hidden, "the wav2vec2 features", ENCODER_CAUSE)
+    logging.info("Wan Lean S2V: wav2vec2 encoded %d of %d samples (%.1f of %.1f s) for %d clip(s)",
+                 encoded, speech.shape[-1], encoded / SAMPLE_RATE, speech.shape[-1] / SAMPLE_RATE, clips)
     feats = audio_buckets(hidden, clips * CLIP_FRAMES)
     return feats, clips, trim_to_video(wave, rate, clips * CLIP_FRAMES - DROP_FIRST)
 

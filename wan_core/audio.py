@@ -48,6 +48,16 @@ MIN_SAMPLES = 720  # 45 ms at 16 kHz: two wav2vec2 frames, the least that yields
 RESAMPLE = dict(zero_crossings=80, rolloff=0.955, beta=12.0)
 _MAX_PHASES = 4096  # sample-rate ratios needing more polyphase branches than this are refused
 EXTENSIONS = "wav, flac, ogg (and mp3 with libsndfile >= 1.1)"
+# file extension -> libsndfile's major format that reads it (m4a/aac: none, libsndfile has no AAC decoder)
+SOUNDFILE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG", ".mp3": "MP3", ".aiff": "AIFF",
+                     ".aif": "AIFF"}
+
+
+def readable_extensions():
+    """The audio file extensions load_audio can read with the installed libsndfile (mp3 only from 1.1 on)."""
+    import soundfile
+    have = soundfile.available_formats()
+    return tuple(ext for ext, fmt in SOUNDFILE_FORMATS.items() if fmt in have)
 
 
 def load_audio(path):
@@ -198,6 +208,22 @@ def video_frames(num_samples, fps=FPS):
 def clips_for(num_frames, frames_per_clip=FRAMES_PER_CLIP):
     """Clips of frames_per_clip frames needed to cover num_frames video frames (at least one)."""
     return max(1, -(-int(num_frames) // frames_per_clip))
+
+
+CONTEXT_SAMPLES = SAMPLE_RATE  # audio encoded past the last clip's end: 1 s of context for wav2vec2's attention
+
+
+def encode_for_clips(encode, speech, clips, frames_per_clip=FRAMES_PER_CLIP, fps=FPS):
+    """wav2vec2 hidden states [..., T50, D] for the first `clips` clips of prepared 16 kHz speech [N]: `encode` ([1, n]
+    -> [..., T, D]) runs only on the samples those clips use plus CONTEXT_SAMPLES (not a whole long recording), and
+    the result is zero-padded in time to the whole audio's frame count, so the 30-fps interpolation grid of
+    audio_buckets is exactly the whole file's. The kept frames differ from a whole-file encode only by what
+    wav2vec2's attention would have seen more than 1 s past them. Returns (hidden, samples encoded)."""
+    n = speech.shape[-1]
+    window = min(n, math.ceil(clips * frames_per_clip * SAMPLE_RATE / fps) + CONTEXT_SAMPLES)
+    hidden = encode(speech[None, :window])
+    missing = conv_output_length(n) - hidden.shape[-2]
+    return (F.pad(hidden, (0, 0, 0, missing)) if missing > 0 else hidden), window
 
 
 def audio_buckets(hidden_states, num_frames=None, fps=FPS):

@@ -38,3 +38,29 @@ def check_tensors(tensors, what, cause=INPUT_CAUSE):
         if isinstance(tensor, torch.Tensor):
             check_finite(tensor, f"{what} ({key})", cause)
     return tensors
+
+
+def check_weights(model, sd, what):
+    """Before a state dict is loaded into `model` (built on the meta device from the file's own shapes): every tensor
+    the model has must be a float (fp32/fp16/bf16/fp8) of the model's shape. A ValueError names up to 3 offenders and
+    what to do instead of torch's load_state_dict dump (int8/bool files, files mixing two models or damaged ones).
+    Entries that are not tensors (GGUF blocks: their layers check them) are left alone."""
+    wrong_type, wrong_shape, total = [], [], 0
+    for key, want in model.state_dict().items():
+        have = sd.get(key)
+        if not isinstance(have, torch.Tensor) or not isinstance(want, torch.Tensor):
+            continue
+        if want.is_floating_point() and not have.is_floating_point():
+            wrong_type.append(f"{key} ({str(have.dtype).replace('torch.', '')})")
+        elif tuple(have.shape) != tuple(want.shape):
+            wrong_shape.append(f"{key} {list(have.shape)} (expected {list(want.shape)})")
+        total += 1
+    more = lambda items: f"{', '.join(items[:3])}{f' and {len(items) - 3} more' if len(items) > 3 else ''}"  # noqa: E731
+    if wrong_type:
+        raise ValueError(f"{what}: {len(wrong_type)} of its {total} weights are not floating point: {more(wrong_type)}. "
+                         "Integer / bool weight files (e.g. int8-quantised exports) are not supported: use the "
+                         "fp16 / bf16 / fp8 file of the model, or a GGUF one")
+    if wrong_shape:
+        raise ValueError(f"{what}: {len(wrong_shape)} weights have shapes that do not fit the model the file's other "
+                         f"tensors describe: {more(wrong_shape)}. The file is damaged or mixes two models: download "
+                         "it again")
