@@ -72,7 +72,7 @@ def save_with_audio(name):
     return edit
 
 
-DAMAGED = "is probably damaged"
+DAMAGED = "probably damaged"
 # (id, workflow, overrides, graph edit or None, words the error must contain)
 CASES = [
     ("length-not-1+4k", T2V, {f"{S}.length": 8}, None, "length 8 is not 1+4k frames; use 5 or 9"),
