@@ -174,3 +174,14 @@ def test_missing_shards_are_counted_not_listed(tmp_path):
     with pytest.raises(CheckpointError) as err:
         read_file(str(path))
     assert "99998 of them" in str(err.value) and "and 99993 more" in str(err.value) and len(str(err.value)) < 600
+
+
+def test_example_speech_needs_espeak(tmp_path, monkeypatch):
+    """The example speech is espeak-ng's voice or an error saying how to install it, never a stand-in buzz."""
+    import example_inputs
+    example_inputs.write_speech(str(tmp_path / "speech.wav"))
+    assert (tmp_path / "speech.wav").stat().st_size > 10000
+    monkeypatch.setattr(example_inputs.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="espeak-ng is not installed.*setup-audio.sh"):
+        example_inputs.write_speech(str(tmp_path / "other.wav"))
+    assert not (tmp_path / "other.wav").exists()

@@ -175,6 +175,19 @@ def test_parse_devices():
             parallel.parse_devices(bad)
 
 
+def test_check_devices_before_any_worker_starts():
+    """What this machine cannot run is refused naming `devices`: CUDA devices it lacks, meta, too many CPU processes."""
+    assert parallel.check_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = f"cuda:{cuda},cuda:{cuda + 1}"
+    with pytest.raises(ValueError, match=f"devices '{missing}': this machine has"):
+        parallel.check_devices(parallel.parse_devices(missing), missing)
+    with pytest.raises(ValueError, match="devices 'meta,meta': 'meta' devices cannot run"):
+        parallel.check_devices(parallel.parse_devices("meta,meta"), "meta,meta")
+    with pytest.raises(ValueError, match="devices 'cpu:100000': 100000 CPU processes .* use at most cpu:"):
+        parallel.check_devices(parallel.parse_devices("cpu:100000"), "cpu:100000")
+
+
 # ----------------------------------------------------------------------------- the worker pool
 
 def _steps_job(models, mesh, device, stop_check, steps, crash_rank=None):

@@ -458,6 +458,27 @@ def parse_devices(spec):
     return devices
 
 
+def check_devices(devices, spec=None):
+    """Refuse, before any worker starts, device lists this machine cannot run: CUDA devices it does not have, device
+    types other than cuda and cpu (meta, ...), and more CPU processes than it has cores."""
+    spec = ",".join(devices) if spec is None else spec
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in map(torch.device, devices):
+        if d.type not in ("cuda", "cpu"):
+            raise ValueError(f"devices {spec!r}: {d.type!r} devices cannot run the workers; use cuda devices, or "
+                             "'cpu:2' for CPU processes")
+        if d.type == "cuda" and (d.index or 0) >= cuda:
+            have = f"{cuda} CUDA device(s) (cuda:0 to cuda:{cuda - 1})" if cuda else "no CUDA device"
+            raise ValueError(f"devices {spec!r}: this machine has {have}; name devices it has, 'cuda:all', or "
+                             "'cpu:2' for CPU processes")
+    cpus = sum(torch.device(d).type == "cpu" for d in devices)
+    limit = max(2, os.cpu_count() or 1)
+    if cpus > limit:
+        raise ValueError(f"devices {spec!r}: {cpus} CPU processes but this machine has {os.cpu_count()} cores; "
+                         f"use at most cpu:{limit}")
+    return devices
+
+
 class WorkerPool:
     """One worker process per device (torch.multiprocessing, spawn), each holding `factory(device)`'s models and
     running jobs `fn(models, mesh, device, stop_check, *args)` on every rank in step; rank 0's result comes back
