@@ -110,9 +110,9 @@ def _sibling_shards(path):
     shards = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
     if missing:
-        raise CheckpointError(f"'{os.path.basename(path)}' is one of {total} shards and {len(missing)} of them "
-                              f"({_listing(missing)}) are missing beside it: download every shard into "
-                              f"{os.path.dirname(path) or '.'}")
+        which = f"{missing[0]} is" if len(missing) == 1 else f"{len(missing)} of them ({_listing(missing)}) are"
+        raise CheckpointError(f"'{os.path.basename(path)}' is one of {total} shards and {which} missing beside it: "
+                              f"download every shard into {os.path.dirname(path) or '.'}")
     return shards
 
 
