@@ -22,8 +22,9 @@ from comfy.patcher_extension import CallbacksMP
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
+from wan_core.dit import HEAD_DIM  # noqa: E402
 from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, check_devices,  # noqa: E402
-                                parse_devices, sample_job)
+                                check_layout, parse_devices, sample_job)
 from wan_core.pipeline import Cond  # noqa: E402
 
 if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
@@ -135,6 +136,7 @@ class WanLeanParallelSampler:
                devices, cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875,
                node_id=None):
         devices = check_devices(parse_devices(devices), devices)
+        check_layout(len(devices), cfg_parallel, attention, model.patcher.model.dim // HEAD_DIM)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
         net = model.patcher.model

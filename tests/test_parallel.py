@@ -292,3 +292,12 @@ def test_node_model_source(smoke_models, smoke_loras):
     gguf = loaders.WanLeanModelLoader().load("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
     with pytest.raises(ValueError, match="GGUF-quantised.*load a bf16/fp16/fp8 file"):
         node_module.model_source(gguf)
+
+
+def test_layout_refusals_before_any_worker_starts():
+    parallel.check_layout(4, True, "ulysses", 12)  # 2 per pass divide 12 heads
+    with pytest.raises(ValueError, match="cfg_parallel needs an even number of devices, got 3"):
+        parallel.check_layout(3, True, "auto", 12)
+    with pytest.raises(ValueError, match=r"attention 'ulysses' needs the model's head count \(12\) .* \(8\)"):
+        parallel.check_layout(8, False, "ulysses", 12)
+    parallel.check_layout(8, False, "ring", 12)

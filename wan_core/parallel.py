@@ -479,6 +479,19 @@ def check_devices(devices, spec=None):
     return devices
 
 
+def check_layout(world, cfg_parallel, attention_mode, heads):
+    """The refusals make_mesh and Ulysses attention would raise inside the workers, before any worker starts:
+    cfg_parallel on an odd device count, attention 'ulysses' where the head count does not divide the devices per
+    pass. ValueError naming the input and the fix."""
+    cfg = 2 if cfg_parallel else 1
+    if world % cfg:
+        raise ValueError(f"cfg_parallel needs an even number of devices, got {world}: turn cfg_parallel off or add a "
+                         "device")
+    if attention_mode == "ulysses" and world // cfg > 1 and heads % (world // cfg):
+        raise ValueError(f"attention 'ulysses' needs the model's head count ({heads}) to be a multiple of the devices "
+                         f"per pass ({world // cfg}): use attention 'auto' or 'ring', or another device count")
+
+
 class WorkerPool:
     """One worker process per device (torch.multiprocessing, spawn), each holding `factory(device)`'s models and
     running jobs `fn(models, mesh, device, stop_check, *args)` on every rank in step; rank 0's result comes back
