@@ -1,6 +1,7 @@
 """Text encoding: prompt and negative prompt through umT5 into native CONDITIONING."""
 import torch
 
+from ..wan_core.checks import ENCODER_CAUSE, check_finite
 from ..wan_core.pipeline import pad_context
 from ..wan_core.t5 import encode_text
 from ..wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT
@@ -25,6 +26,8 @@ def encode_prompts(text_encoder, prompts):
     model = text_encoder.load(text_memory(text_encoder, len(prompts)))
     with torch.no_grad():
         feats = encode_text(model, text_encoder.extra["tokenizer"], list(prompts), device=text_encoder.device)
+    for i, features in enumerate(feats):
+        check_finite(features, f"the umT5 features of prompt {i + 1} (of {len(feats)})", ENCODER_CAUSE)
     return [f.float().cpu() for f in feats]
 
 

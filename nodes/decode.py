@@ -6,29 +6,35 @@ import torch
 import comfy.model_management as mm
 import comfy.utils
 
+from ..wan_core.checks import VAE_CAUSE, check_finite
 from ..wan_core.tiling import decode_retrying, free_memory
-from .common import CATEGORY
+from .common import CATEGORY, MARGIN
 
 TILINGS = ["auto", "off", "64", "48", "32", "24"]
 
 
+# Values per pixel, measured (CPU, RSS, fp32, real-width VAEs); the estimates add MARGIN (nodes/common.py)
+DECODE_VALUES = {8: 5500, 16: 5000}  # per output pixel: Wan 2.1 VAE (stride 8), Wan 2.2 VAE (stride 16)
+ENCODE_VALUES = {8: 4700, 16: 1900}  # per input pixel: 2.1 at 64x64 (4.3-4.7k; 3.75k at 128x128), 2.2 (1.7-1.9k)
+
+
 def decode_memory(shape, dtype, stride=8):
     """Peak of decoding latent `shape` [B, C, t, h, w] one latent frame (4 pixel frames) at a time with a VAE of
-    `stride` pixels per latent (8: Wan 2.1, 16: Wan 2.2): the decoder's working set, 6000 values per output pixel
-    (measured 5.5k for the Wan 2.1 VAE, 5.0k for Wan 2.2), plus the decoded video, kept in the compute dtype and
-    converted to fp32 [0, 1] frames below (1 + 4(t-1) frames x 3 channels x (compute + 8) bytes)."""
+    `stride` pixels per latent (8: Wan 2.1, 16: Wan 2.2): the decoder's working set (DECODE_VALUES per output pixel)
+    plus the decoded video, kept in the compute dtype and converted to fp32 [0, 1] frames below
+    (1 + 4(t-1) frames x 3 channels x (compute + 8) bytes); times MARGIN."""
     size = torch.finfo(dtype).bits // 8
     pixels = shape[0] * shape[3] * stride * shape[4] * stride
-    return pixels * (6000 * size + 3 * (1 + 4 * (shape[2] - 1)) * (size + 8))
+    return int(MARGIN * pixels * (DECODE_VALUES[stride] * size + 3 * (1 + 4 * (shape[2] - 1)) * (size + 8)))
 
 
-def encode_memory(shape, dtype):
-    """Peak of encoding a video `shape` [B, 3, T, H, W] (chunks of 1, 4, 4, ... frames): the encoder's working set,
-    4500 values per input pixel (measured at 128x128: 3.75k for the Wan 2.1 VAE, 1.9k for Wan 2.2, flat in T, ComfyUI's
-    encoder 3.8k; at 64x64 the fixed costs make 2.1's 4.3k), plus the video in the compute dtype."""
+def encode_memory(shape, dtype, stride=8):
+    """Peak of encoding a video `shape` [B, 3, T, H, W] (chunks of 1, 4, 4, ... frames) with a VAE of `stride` (8: Wan
+    2.1, 16: Wan 2.2): the encoder's working set (ENCODE_VALUES per input pixel, flat in T; ComfyUI's 2.1 encoder
+    3.8k at 128x128) plus the video in the compute dtype; times MARGIN."""
     size = torch.finfo(dtype).bits // 8
     pixels = shape[0] * shape[3] * shape[4]
-    return pixels * size * (4500 + 3 * shape[2])
+    return int(MARGIN * pixels * size * (ENCODE_VALUES[stride] + 3 * shape[2]))
 
 
 class WanLeanVAEDecode:
@@ -57,6 +63,7 @@ class WanLeanVAEDecode:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE ({vae.patcher.model.z_dim} channels): "
                              "use the VAE of the model family that made the latent (the Wan 2.1 VAE for 16 channels, "
                              "the Wan 2.2 VAE for 48: TI2V-5B)")
+        check_finite(z, "the latent", "the sampler that made it failed, or the latent file is damaged")
         model = vae.load(decode_memory(z.shape, vae.dtype, vae.patcher.model.STRIDE))
         bar = comfy.utils.ProgressBar(z.shape[2], node_id=node_id)
 
@@ -72,6 +79,7 @@ class WanLeanVAEDecode:
         z = z.to(vae.device, vae.dtype)
         with torch.no_grad():
             video = decode_retrying(model, z, tile, 8, progress, on_oom, free_memory(z.device) if tile == "auto" else None)
+        check_finite(video, "the decoded video", VAE_CAUSE)
         frames = (video.float().clamp(-1, 1) + 1) / 2  # [B, 3, T, H, W]
         return (frames.permute(0, 2, 3, 4, 1).flatten(0, 1).to(mm.intermediate_device()),)
 

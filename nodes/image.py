@@ -7,6 +7,7 @@ import folder_paths
 import node_helpers
 
 from ..wan_core.checkpoint import read_file
+from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
 from ..wan_core.clip import WanCLIPVision
 from ..wan_core.conditioning import clip_tokens, image_latents, to_pixels
 from ..wan_core.pipeline import check_video_size, spatial_stride
@@ -51,7 +52,8 @@ class WanLeanCLIPVisionEncode:
         pixels = to_pixels(image, "image")
         model = clip_vision.load()
         with torch.no_grad():
-            tokens = model(pixels.to(clip_vision.device, clip_vision.dtype)).float()
+            tokens = check_finite(model(pixels.to(clip_vision.device, clip_vision.dtype)).float(), "the CLIP vision tokens",
+                                  ENCODER_CAUSE)
         out = comfy.clip_vision.Output()
         out["penultimate_hidden_states"] = tokens.to(mm.intermediate_device())
         return (out,)
@@ -95,12 +97,18 @@ class WanLeanImageToVideo:
     def apply(self, positive, negative, vae, start_image, width, height, length, end_image=None,
               clip_vision_start=None, clip_vision_end=None):
         check_video_size(width, height, length, 2 * spatial_stride(vae.patcher.model.z_dim))
+        if clip_vision_end is not None and clip_vision_start is None:
+            raise ValueError("clip_vision_end is connected but clip_vision_start is not: FLF2V needs the CLIP encodings "
+                             "of both images; connect the start image's CLIP Vision Encode to clip_vision_start")
+        if clip_vision_end is not None and end_image is None:
+            raise ValueError("clip_vision_end is connected but end_image is not: connect the end image too (FLF2V)")
         start = to_pixels(start_image, "start_image")
         end = None if end_image is None else to_pixels(end_image, "end_image")
-        model = vae.load(encode_memory((1, 3, length, height, width), vae.dtype))
+        model = vae.load(encode_memory((1, 3, length, height, width), vae.dtype, vae.patcher.model.STRIDE))
         with torch.no_grad():
             y, first = image_latents(model, start.to(vae.device, vae.dtype),
                                      None if end is None else end.to(vae.device, vae.dtype), width, height, length)
+        check_finite(y if first is None else first, "the start image's VAE latent", VAE_CAUSE)
         extras = {"wanlean_y": y, "wanlean_first_frame": first}
         start_tokens = _tokens(clip_vision_start, "clip_vision_start")
         if start_tokens is not None:

@@ -70,8 +70,11 @@ class WanLeanLoraLoader:
         if strength == 0:
             return (model,)
         lora_sd = read_file(folder_paths.get_full_path_or_raise("loras", lora_name))
-        match = match_lora(lora_sd, model_shapes(model.patcher.model))
         name = f"'{os.path.basename(lora_name)}'"
+        try:
+            match = match_lora(lora_sd, model_shapes(model.patcher.model))
+        except ValueError as e:
+            raise ValueError(f"LoRA {name}: {e}") from None
         match.check(name, total=len(lora_sd))
         if match.unmatched or match.mismatched:
             logging.warning("Wan Lean LoRA %s", match.summary(name))

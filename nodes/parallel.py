@@ -23,8 +23,9 @@ from comfy.patcher_extension import CallbacksMP
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
-from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, parse_devices,  # noqa: E402
-                                sample_job)
+from wan_core.dit import HEAD_DIM  # noqa: E402
+from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, check_devices,  # noqa: E402
+                                check_layout, parse_devices, sample_job)
 from wan_core.pipeline import Cond  # noqa: E402
 
 if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
@@ -135,11 +136,12 @@ class WanLeanParallelSampler:
     def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                devices, cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875,
                node_id=None):
-        devices = parse_devices(devices)
+        devices = check_devices(parse_devices(devices), devices)
+        check_layout(len(devices), cfg_parallel, attention, model.patcher.model.dim // HEAD_DIM)
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
-        cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
         net = model.patcher.model
+        cond, uncond = to_cond(positive, "positive", net), to_cond(negative, "negative", net)
         check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
         shape = latent_shape(width, height, length, net.out_dim)
         check_fit(model, cond, shape)

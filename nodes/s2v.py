@@ -1,5 +1,8 @@
 """Speech-to-video nodes (Wan2.2-S2V-14B): the wav2vec2 audio encoder, an audio file loader, and one node that
 renders a whole talking/singing video clip by clip, returning its frames and the audio trimmed to them."""
+import hashlib
+import itertools
+import logging
 import os
 
 import torch
@@ -7,10 +10,11 @@ import torch
 import comfy.model_management as mm
 import folder_paths
 
-from ..wan_core.audio import (audio_buckets, clips_for, from_comfy_audio, load_audio, prepare, to_comfy_audio,
-                              trim_to_video, video_frames)
+from ..wan_core.audio import (SAMPLE_RATE, audio_buckets, clips_for, encode_for_clips, from_comfy_audio, load_audio,
+                              prepare, readable_extensions, to_comfy_audio, trim_to_video, video_frames)
 from ..wan_core.checkpoint import read_file
-from ..wan_core.conditioning import fit, to_pixels
+from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
+from ..wan_core.conditioning import fit, pose_pixels, to_pixels
 from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
 from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
@@ -19,7 +23,6 @@ from .common import CATEGORY, Handle, casting_ops, clips_step_callback
 from .decode import decode_memory, encode_memory
 from .sampler import SAMPLER, activation_memory, passes, to_cond
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
 
 
 class WanLeanAudioEncoderLoader:
@@ -42,8 +45,19 @@ class WanLeanAudioEncoderLoader:
         return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32),)
 
 
+def file_fingerprint(path):
+    """sha256 of a file's bytes: ComfyUI re-runs a node when this changes (a file overwritten under the same name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 class WanLeanLoadAudio:
-    DESCRIPTION = "Reads a wav, flac or ogg file from ComfyUI's input folder (soundfile) as AUDIO."
+    DESCRIPTION = ("Reads an audio file from ComfyUI's input folder (soundfile) as AUDIO: wav, flac, ogg and, with "
+                   "libsndfile >= 1.1, mp3 (only what the installed libsndfile reads is listed; convert m4a/aac to one "
+                   "of those, or use ComfyUI's Load Audio). A file overwritten under the same name is read again.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("AUDIO",)
     RETURN_NAMES = ("audio",)
@@ -51,9 +65,15 @@ class WanLeanLoadAudio:
 
     @classmethod
     def INPUT_TYPES(cls):
-        files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(AUDIO_EXTENSIONS)]
+        readable = readable_extensions()
+        files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(readable)]
         return {"required": {"audio_file": (sorted(files), {"audio_upload": True,
                                                            "tooltip": "A speech or song file in ComfyUI's input folder."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, audio_file):
+        path = folder_paths.get_annotated_filepath(audio_file)
+        return file_fingerprint(path) if os.path.isfile(path) else audio_file
 
     def load(self, audio_file):
         wave, rate = load_audio(folder_paths.get_annotated_filepath(audio_file))
@@ -67,12 +87,12 @@ class VAEOnDevice:
         self.handle = handle
 
     def encode(self, video):
-        model = self.handle.load(encode_memory(video.shape, self.handle.dtype))
-        return model.encode(video.to(self.handle.device, self.handle.dtype))
+        model = self.handle.load(encode_memory(video.shape, self.handle.dtype, self.handle.patcher.model.STRIDE))
+        return check_finite(model.encode(video.to(self.handle.device, self.handle.dtype)), "the VAE's encoding", VAE_CAUSE)
 
     def decode(self, latent):
         model = self.handle.load(decode_memory(latent.shape, self.handle.dtype, self.handle.patcher.model.STRIDE))
-        return model.decode(latent.to(self.handle.device, self.handle.dtype))
+        return check_finite(model.decode(latent.to(self.handle.device, self.handle.dtype)), "the decoded video", VAE_CAUSE)
 
 
 def audio_features(encoder, audio, clips_wanted):
@@ -83,7 +103,10 @@ def audio_features(encoder, audio, clips_wanted):
     clips = clips_for(frames) if clips_wanted == 0 else min(clips_wanted, clips_for(frames))
     model = encoder.load()
     with torch.no_grad():
-        hidden = model(speech[None].to(encoder.device)).float().cpu()
+        hidden, encoded = encode_for_clips(lambda x: model(x.to(encoder.device)).float().cpu(), speech, clips)
+    check_finite(hidden, "the wav2vec2 features", ENCODER_CAUSE)
+    logging.info("Wan Lean S2V: wav2vec2 encoded %d of %d samples (%.1f of %.1f s) for %d clip(s)",
+                 encoded, speech.shape[-1], encoded / SAMPLE_RATE, speech.shape[-1] / SAMPLE_RATE, clips)
     feats = audio_buckets(hidden, clips * CLIP_FRAMES)
     return feats, clips, trim_to_video(wave, rate, clips * CLIP_FRAMES - DROP_FIRST)
 
@@ -109,7 +132,7 @@ class WanLeanSpeechToVideo:
             "audio": ("AUDIO", {"tooltip": "Speech or song (Wan Load Audio, or ComfyUI's Load Audio)."}),
             "width": ("INT", {"default": 832, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
             "height": ("INT", {"default": 480, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed (clip r uses seed + r)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed (clip r uses seed + r, wrapping to 0 after 2^64-1)."}),
             "steps": ("INT", {"default": 40, "min": 1, "max": 200, "tooltip": "Solver steps per clip (official: 40)."}),
             "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 20.0, "step": 0.1,
                               "tooltip": "Guidance; the negative branch also gets silent audio (official: 4.5)."}),
@@ -118,23 +141,25 @@ class WanLeanSpeechToVideo:
             "max_clips": ("INT", {"default": 0, "min": 0, "max": 1000,
                                   "tooltip": "0: as many 80-frame clips as the audio needs; else at most this many."}),
         }, "optional": {
-            "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator)."}),
+            "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator): RGB, "
+                                                  "RGBA (alpha dropped) or grey (1 channel, used as grey RGB)."}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def generate(self, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
                  shift, sampler, max_clips, pose_video=None, node_id=None):
-        if not isinstance(model.patcher.model, WanS2V):
-            raise ValueError(f"model is {model.patcher.model.variant_name}, not the S2V model: load wan2.2_s2v_14B")
+        net = model.patcher.model
+        if not isinstance(net, WanS2V):
+            raise ValueError(f"model is {net.variant_name}, not the S2V model: load wan2.2_s2v_14B")
         check_video_size(width, height, 1, 16)
+        context, neg_context = to_cond(positive, "positive", net).context, to_cond(negative, "negative", net).context
+        ref_pixels = to_pixels(ref_image, "ref_image")
+        pose_frames = None if pose_video is None else pose_pixels(pose_video)
         feats, clips, track = audio_features(audio_encoder, audio, max_clips)
         coder = VAEOnDevice(vae)
         with torch.no_grad():
-            ref = coder.encode(fit(to_pixels(ref_image, "ref_image"), width, height)[:, :, None])
-            pose = None
-            if pose_video is not None:
-                frames = pose_video[..., :3].permute(3, 0, 1, 2)[None].float() * 2 - 1
-                pose = pose_latents(coder, frames, width, height, clips)
-        job = S2VJob(to_cond(positive, "positive").context, to_cond(negative, "negative").context, feats, ref, pose)
+            ref = coder.encode(fit(ref_pixels, width, height)[:, :, None])
+            pose = None if pose_frames is None else pose_latents(coder, pose_frames, width, height, clips)
+        job = S2VJob(context, neg_context, feats, ref, pose)
         shape = (1, 16, 20 + 19 + 1, height // 8, width // 8)
         act = activation_memory(model.patcher.model, shape, model.dtype, passes(cfg))
         get = lambda: model.load(act)  # noqa: E731

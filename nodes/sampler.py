@@ -7,9 +7,10 @@ import torch
 import comfy.model_management as mm
 
 from ..wan_core import cache
+from ..wan_core.checks import check_finite
 from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, guided, latent_shape, spatial_stride
 from ..wan_core.sampling import SAMPLERS
-from .common import CATEGORY, step_callback
+from .common import ACTIVATION_MARGIN, CATEGORY, step_callback
 
 
 def passes(cfg):
@@ -21,20 +22,41 @@ def activation_memory(model, shape, dtype, batch=2):
     """Peak activations of one forward of `batch` passes (2: CFG-batched; 1 at cfg 1, no negative pass) x tokens
     (patch 1x2x2), per token and pass: the fp32 residual stream and its normalised copy (8 x dim bytes) + in the
     compute dtype one dim-wide tensor and three ffn-wide ones (the FFN's hidden state, its GELU and the matmul's
-    buffer). One block's peak with the CFG batch, measured in bf16 (CPU, RSS), grows by 69 KB per token for 1.3B
-    and 134 KB for 14B; so does this estimate (tests/test_memory.py)."""
+    buffer); times ACTIVATION_MARGIN. One block's peak with the CFG batch, measured in bf16 (CPU, RSS), grows by 69 KB
+    per token for 1.3B and 134 KB for 14B; so does this estimate before its margin (tests/test_memory.py)."""
     tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
     size = torch.finfo(dtype).bits // 8
-    return batch * tokens * (8 * model.dim + size * (model.dim + 3 * model.blocks[0].ffn[0].out_features))
+    per_token = 8 * model.dim + size * (model.dim + 3 * model.blocks[0].ffn[0].out_features)
+    return int(ACTIVATION_MARGIN * batch * tokens * per_token)
 
 
-def to_cond(conditioning, name):
-    """Native CONDITIONING ([[features, extras]]) -> Cond; image conditioning rides in the extras."""
+def to_cond(conditioning, name, model=None):
+    """Native CONDITIONING ([[features, extras]]) -> Cond; image conditioning rides in the extras. Refused: an empty
+    or combined conditioning, NaN/inf in it, and (given the model) features of another text encoder's width."""
     if not conditioning:
         raise ValueError(f"{name} conditioning is empty: connect Wan Text Encode (or CLIP Text Encode)")
+    if len(conditioning) > 1:
+        raise ValueError(f"{name} conditioning holds {len(conditioning)} entries (Conditioning Combine or Concat): the "
+                         "Wan samplers take one prompt per input; write the prompts into one Wan Text Encode instead")
     features, extras = conditioning[0]
-    return Cond(features, clip=extras.get("wanlean_clip"), y=extras.get("wanlean_y"),
+    check_finite(features, f"{name} conditioning")
+    cond = Cond(features, clip=extras.get("wanlean_clip"), y=extras.get("wanlean_y"),
                 first_frame=extras.get("wanlean_first_frame"))
+    for key in ("clip", "y", "first_frame"):
+        check_finite(getattr(cond, key), f"{name} conditioning's image part ({key})")
+    if model is not None:
+        check_context(model, features, name)
+    return cond
+
+
+def check_context(net, features, name):
+    """The text features' width must be the model's umT5 width (4096): a CLIP-L/G or T5 of another family made them
+    otherwise, and the model would fail deep inside with a matrix-shape error."""
+    width = net.text_embedding[0].in_features
+    if features.shape[-1] != width:
+        raise ValueError(f"{name} conditioning has features {features.shape[-1]} wide but this Wan model takes umT5-XXL "
+                         f"features ({width} wide): it comes from another text encoder. Use Wan Text Encode with Wan Load "
+                         "Text Encoder (umt5_xxl), or ComfyUI's Load CLIP with type 'wan' and a umt5_xxl file")
 
 
 def check_fit(handle, cond, shape):
@@ -122,8 +144,8 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
         cache_threshold=0.0, cache_interval=0):
     """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached;
     with caching on, each expert gets its own step cache and the skipped calls are logged."""
-    cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
     first = models_cfgs[0][0]
+    cond, uncond = (to_cond(c, n, first.patcher.model) for c, n in ((positive, "positive"), (negative, "negative")))
     channels = first.patcher.model.out_dim
     check_video_size(width, height, length, 2 * spatial_stride(channels))
     shape = latent_shape(width, height, length, channels)

@@ -1,7 +1,7 @@
 """Example inputs for the bundled workflows, made on the spot (no binary files in git):
 `python scripts/example_inputs.py DIR` writes into DIR the start/end images (wan_example_start.png,
-wan_example_end.png), a speech track (wan_example_speech.wav: espeak-ng when installed, else a synthetic
-voiced signal) and a 16 fps stick-figure pose video (wan_example_pose.mp4)."""
+wan_example_end.png), a speech track (wan_example_speech.wav, spoken by espeak-ng: required) and a 16 fps
+stick-figure pose video (wan_example_pose.mp4)."""
 import math
 import os
 import shutil
@@ -34,14 +34,15 @@ def draw(sun_x, size=(832, 480)):
     return img
 
 
-def write_speech(path, rate=16000):
-    """espeak-ng's voice when available; otherwise 4 s of a voiced buzz with syllable-rate loudness."""
-    if shutil.which("espeak-ng") and subprocess.run(["espeak-ng", "-w", path, SENTENCE], capture_output=True).returncode == 0:
-        return
-    import soundfile
-    t = np.arange(4 * rate) / rate
-    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 12))
-    soundfile.write(path, (0.2 * voice * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2)).astype(np.float32), rate)
+def write_speech(path):
+    """The example sentence spoken by espeak-ng. Without espeak-ng this fails (it once fell back to a synthetic buzz,
+    which silently made the S2V examples and tests listen to something that is not speech)."""
+    if not shutil.which("espeak-ng"):
+        raise RuntimeError("espeak-ng is not installed, and the example speech needs it: run "
+                           "`bash scripts/setup-audio.sh` (Debian/Ubuntu: apt-get install espeak-ng)")
+    done = subprocess.run(["espeak-ng", "-w", path, SENTENCE], capture_output=True, text=True)
+    if done.returncode != 0 or not os.path.isfile(path):
+        raise RuntimeError(f"espeak-ng could not write {path}: {done.stderr.strip() or done.returncode}")
 
 
 def pose_frame(i, size=(416, 240)):

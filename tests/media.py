@@ -32,3 +32,21 @@ def probe(path):
             info["audio_rate"] = audio.codec_context.sample_rate
             info["audio_duration"] = _audio_seconds(container, audio)
     return info
+
+
+def frames(path):
+    """Every decoded video frame of a file as uint8 RGB [T, H, W, 3]."""
+    import numpy as np
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])
+
+
+def assert_real_video(path):
+    """The video's pixels are a picture, not a failure: no frame black (NaN/inf frames are written black) or flat,
+    and the pixels vary (std over the video above 2 of 255). Returns (mean, std) of the pixels."""
+    px = frames(path).astype("float64")
+    for i, frame in enumerate(px):
+        assert frame.max() > 16, f"{path}: frame {i} is black (max {frame.max():.0f} of 255)"
+        assert frame.max() - frame.min() > 8, f"{path}: frame {i} is flat ({frame.min():.0f}..{frame.max():.0f})"
+    assert px.std() > 2, f"{path}: the video is constant (std {px.std():.2f} of 255)"
+    return px.mean(), px.std()

@@ -270,12 +270,14 @@ def test_inductor_blocks_match_eager_without_recompiles():
 @pytest.mark.slow
 def test_server_runs_a_workflow_with_compile_on(server):
     """The loader's widgets through the real server: a smoke T2V workflow with compile on and attention sdpa."""
-    from media import probe
+    from media import assert_real_video, probe
     api, loader = t2v_api(server)
     loader.update(attention="sdpa", compile="blocks")
     files = server.output_files(server.run(api))
-    info = probe(next(f for f in files if f.endswith(".mp4")))
+    video = next(f for f in files if f.endswith(".mp4"))
+    info = probe(video)
     assert (info["frames"], info["width"], info["height"]) == (5, 64, 64)
+    assert_real_video(video)
     assert "Wan Lean compile: the DiT blocks run through torch.compile (blocks, backend inductor)" in server.log_text()
 
 

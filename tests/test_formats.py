@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import ROOT, import_comfy, run_workflow
-from media import probe
+from media import assert_real_video, probe
 
 import_comfy()
 import folder_paths  # noqa: E402,F401  (the pack's loaders read ComfyUI's model folders)
@@ -330,3 +330,4 @@ def test_server_loads_diffusers_and_gguf(variants, server, files):
     out = run_workflow(server, "wan21_t2v_1.3B.json", files, sizes={"width": 64, "height": 64, "length": 5, "steps": 2})
     videos = [f for f in out if f.endswith(".mp4")]
     assert len(videos) == 1 and probe(videos[0])["frames"] == 5
+    assert_real_video(videos[0])

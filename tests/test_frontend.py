@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ROOT
 from comfy_host import PACK_LINK, history_error
-from media import probe
+from media import assert_real_video, probe
 
 SCREENSHOTS = os.path.join(ROOT, "output", "screenshots")
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
@@ -285,6 +285,7 @@ def test_queue_smoke_workflow_from_ui(browser, server):
     info = probe(videos[0])
     want = SMOKE_WIDGETS["length"], SMOKE_WIDGETS["width"], SMOKE_WIDGETS["height"]
     assert (info["frames"], info["width"], info["height"]) == want, info
+    assert_real_video(videos[0])
     shown = f"video[src*='{urllib.parse.quote(os.path.basename(videos[0]))}']"
     page.wait_for_selector(shown, state="attached", timeout=20_000)  # the output appears in the Save Video node
     _screenshot(page, SMOKE_WORKFLOW.replace(".json", "-queued.png"))

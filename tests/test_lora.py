@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, SMOKE_MODELS, import_comfy, scale_close
+from media import assert_real_video
 from wan_core.dit import WanDiT
 from wan_core.lora import LORA_FORMATS, diffusers_name, match_lora, merge_lora, smoke_lora, write_smoke_lora
 from wan_core.smoke import randomize_
@@ -342,6 +343,7 @@ def t2v_frames(server, loras=()):
         sampler["inputs"]["model"] = [f"lora{i}", 0]
     videos = [p for p in server.output_files(server.run(api)) if p.endswith(".mp4")]
     assert len(videos) == 1, videos
+    assert_real_video(videos[0])
     with av.open(videos[0]) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 

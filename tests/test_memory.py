@@ -193,14 +193,16 @@ def test_estimates_for_real_sizes(nodes):
 def test_block_peak_is_within_the_sampler_estimate():
     """Measured: one real-width DiT block (1.3B, bf16, CFG batch) at 1024 and 2048 tokens, in a subprocess with
     large allocations mmapped (so RSS follows the live tensors); the peak's growth per token lies within 70-100%
-    of activation_memory's per-token figure (up to 5% above it: run-to-run noise)."""
+    of activation_memory's per-token figure before its 15% margin (up to 5% above it: run-to-run noise), so at least
+    9% below the estimate itself."""
     peaks = dict(zip((1024, 2048), _in_child("[_block_peak(n) for n in (1024, 2048)]")))
     measured = (peaks[2048] - peaks[1024]) / (2 * 1024)
     with torch.device("meta"):
         model = WanDiT(**REAL["1.3B"][0])
+    margin = pack_module("common").ACTIVATION_MARGIN
     estimate = pack_module("sampler").activation_memory(model, (1, 16, 1, 2, 2), torch.bfloat16) / 2
     print(f"1.3B block, bf16: peak grows {measured / 1e3:.1f} KB per token, estimate {estimate / 1e3:.1f} KB")
-    assert 0.7 * estimate <= measured <= 1.05 * estimate
+    assert 0.7 * estimate / margin <= measured <= 1.05 * estimate / margin and 1.09 * measured <= estimate
 
 
 def _in_child(call):
@@ -248,13 +250,16 @@ def _encode_peaks(size=SIDE):
 
 
 def test_encode_estimate_covers_the_measured_peak(nodes):
-    """A real-width VAE encode (Wan 2.1 at 5 and 9 frames, 2.2 at 5; 64x64) peaks within 35-100% of encode_memory,
-    the estimate the image-to-video and S2V nodes hand to load_models_gpu."""
+    """A real-width VAE encode (Wan 2.1 at 5 and 9 frames, 2.2 at 5; 64x64) peaks at least 15% below encode_memory,
+    the estimate the image-to-video and S2V nodes hand to load_models_gpu (it carries MARGIN = 1.25 over the measured
+    per-pixel figures: 10% of run-to-run noise stays covered), and above 35% of it (no gross over-estimate)."""
+    assert nodes.decode.MARGIN >= 1.15
     for (family, frames), measured in zip(ENCODES, _in_child("_encode_peaks()")):
-        estimate = nodes.decode.encode_memory((1, 3, frames, SIDE, SIDE), torch.float32)
+        stride = 16 if family == "2.2" else 8
+        estimate = nodes.decode.encode_memory((1, 3, frames, SIDE, SIDE), torch.float32, stride)
         print(f"VAE {family} encode {SIDE}x{SIDE}x{frames}: peak {measured / 2**20:.0f} MiB, "
               f"estimate {estimate / 2**20:.0f} MiB")
-        assert 0.35 * estimate <= measured <= estimate
+        assert 0.35 * estimate <= measured and 1.15 * measured <= estimate
 
 
 def _block_peak(tokens, dim=1536, ffn=8960):

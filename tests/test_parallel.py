@@ -175,6 +175,19 @@ def test_parse_devices():
             parallel.parse_devices(bad)
 
 
+def test_check_devices_before_any_worker_starts():
+    """What this machine cannot run is refused naming `devices`: CUDA devices it lacks, meta, too many CPU processes."""
+    assert parallel.check_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = f"cuda:{cuda},cuda:{cuda + 1}"
+    with pytest.raises(ValueError, match=f"devices '{missing}': this machine has"):
+        parallel.check_devices(parallel.parse_devices(missing), missing)
+    with pytest.raises(ValueError, match="devices 'meta,meta': 'meta' devices cannot run"):
+        parallel.check_devices(parallel.parse_devices("meta,meta"), "meta,meta")
+    with pytest.raises(ValueError, match="devices 'cpu:100000': 100000 CPU processes .* use at most cpu:"):
+        parallel.check_devices(parallel.parse_devices("cpu:100000"), "cpu:100000")
+
+
 # ----------------------------------------------------------------------------- the worker pool
 
 def _steps_job(models, mesh, device, stop_check, steps, crash_rank=None):
@@ -279,3 +292,12 @@ def test_node_model_source(smoke_models, smoke_loras):
     gguf = loaders.WanLeanModelLoader().load("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
     with pytest.raises(ValueError, match="GGUF-quantised.*load a bf16/fp16/fp8 file"):
         node_module.model_source(gguf)
+
+
+def test_layout_refusals_before_any_worker_starts():
+    parallel.check_layout(4, True, "ulysses", 12)  # 2 per pass divide 12 heads
+    with pytest.raises(ValueError, match="cfg_parallel needs an even number of devices, got 3"):
+        parallel.check_layout(3, True, "auto", 12)
+    with pytest.raises(ValueError, match=r"attention 'ulysses' needs the model's head count \(12\) .* \(8\)"):
+        parallel.check_layout(8, False, "ulysses", 12)
+    parallel.check_layout(8, False, "ring", 12)

@@ -1,12 +1,13 @@
 """Every bundled workflow through a real ComfyUI server on smoke weights: the pack loads, every node is
-there, and each workflow writes an mp4 with the asked frame count, size and fps."""
+there, and each workflow writes an mp4 with the asked frame count, size and fps, whose decoded pixels are a picture
+(no black or flat frame, not constant: NaN/inf frames would be black)."""
 import os
 
 import pytest
 
 from comfy_host import parse_tracebacks
 from conftest import ROOT, SMOKE_INPUT, run_workflow
-from media import probe
+from media import assert_real_video, probe
 
 WORKFLOWS = sorted(f for f in os.listdir(os.path.join(ROOT, "workflows")) if f.endswith(".json"))
 # the 14B T2V run reads the official layouts instead: sharded bf16 DiT + index json, Wan2.1_VAE.pth, the umT5
@@ -56,7 +57,9 @@ S2V_WORKFLOWS = [pytest.param(w, marks=pytest.mark.slow) if "long" in w else w f
 def test_s2v_workflow_writes_mp4_with_audio(server, workflow):
     """Real speech (espeak-ng) -> the frame count of the clip arithmetic, and an audio track as long as the video."""
     files = run_workflow(server, workflow, SAMPLER_OVERRIDES.get(workflow, {}), sizes={"width": 64, "height": 64, "steps": 2})
-    info = probe(next(f for f in files if f.endswith(".mp4")))
+    video = next(f for f in files if f.endswith(".mp4"))
+    info = probe(video)
+    assert_real_video(video)
     expect = s2v_frames(0 if "long" in workflow else 1)
     assert (info["frames"], info["width"], info["height"], info["fps"]) == (expect, 64, 64, 16)
     assert info["audio_duration"] is not None
@@ -86,6 +89,7 @@ def test_workflow_writes_mp4(server, workflow):
     assert len(videos) == 1, files
     info = probe(videos[0])
     assert (info["frames"], info["width"], info["height"]) == (length, width, height)
+    assert_real_video(videos[0])  # finite, non-constant frames: a NaN video is written black
     assert info["fps"] == (24 if "ti2v" in workflow else 16)
 
 

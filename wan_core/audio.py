@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_finite
 from .wav2vec2 import conv_output_length
 
 SAMPLE_RATE = 16000  # wav2vec2 input
@@ -47,6 +48,16 @@ MIN_SAMPLES = 720  # 45 ms at 16 kHz: two wav2vec2 frames, the least that yields
 RESAMPLE = dict(zero_crossings=80, rolloff=0.955, beta=12.0)
 _MAX_PHASES = 4096  # sample-rate ratios needing more polyphase branches than this are refused
 EXTENSIONS = "wav, flac, ogg (and mp3 with libsndfile >= 1.1)"
+# file extension -> libsndfile's major format that reads it (m4a/aac: none, libsndfile has no AAC decoder)
+SOUNDFILE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG", ".mp3": "MP3", ".aiff": "AIFF",
+                     ".aif": "AIFF"}
+
+
+def readable_extensions():
+    """The audio file extensions load_audio can read with the installed libsndfile (mp3 only from 1.1 on)."""
+    import soundfile
+    have = soundfile.available_formats()
+    return tuple(ext for ext, fmt in SOUNDFILE_FORMATS.items() if fmt in have)
 
 
 def load_audio(path):
@@ -62,18 +73,38 @@ def load_audio(path):
     return torch.from_numpy(np.ascontiguousarray(data.T)), int(sample_rate)
 
 
-def from_comfy_audio(audio):
-    """ComfyUI's AUDIO ({"waveform": [1, C, N], "sample_rate": int}) -> (waveform [C, N] float32, sample_rate)."""
+def from_comfy_audio(audio, name="audio"):
+    """ComfyUI's AUDIO ({"waveform": [1, C, N], "sample_rate": int}) -> (waveform [C, N] float32, sample_rate).
+    Refused, naming input `name`: a batch of clips, no samples, a sample rate <= 0, NaN/inf samples."""
     if not isinstance(audio, dict) or "waveform" not in audio or "sample_rate" not in audio:
-        raise ValueError("expected ComfyUI AUDIO: a dict with 'waveform' [batch, channels, samples] and 'sample_rate'")
+        raise ValueError(f"{name}: expected ComfyUI AUDIO, a dict with 'waveform' [batch, channels, samples] and "
+                         "'sample_rate'")
     wave = torch.as_tensor(audio["waveform"])
     if wave.ndim == 3:
         if wave.shape[0] != 1:
-            raise ValueError(f"AUDIO holds a batch of {wave.shape[0]} clips; S2V takes one: pick or join them first")
+            raise ValueError(f"{name} holds a batch of {wave.shape[0]} clips; one is used: pick or join them first")
         wave = wave[0]
     if wave.ndim != 2:
-        raise ValueError(f"AUDIO waveform must be [batch, channels, samples], got shape {tuple(wave.shape)}")
-    return wave.detach().float().cpu(), int(audio["sample_rate"])
+        raise ValueError(f"{name}: AUDIO waveform must be [batch, channels, samples], got shape {tuple(wave.shape)}")
+    rate = int(audio["sample_rate"])
+    if rate <= 0:
+        raise ValueError(f"{name} has a sample rate of {rate} Hz: the node that made it is broken; load the file "
+                         "with Wan Load Audio or ComfyUI's Load Audio")
+    if wave.shape[0] == 0 or wave.shape[1] == 0:
+        raise ValueError(f"{name} is empty ({wave.shape[1]} samples, {wave.shape[0]} channels, 0 seconds): "
+                         "give a recording with sound in it, or disconnect it")
+    check_finite(wave, name, "the audio file or the node that made it is broken")
+    return wave.detach().float().cpu(), rate
+
+
+# sample rates the AAC encoder takes (MPEG-4 sampling frequency table)
+AAC_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
+
+
+def aac_rate(rate):
+    """The rate an AAC track stores audio of `rate` Hz at: the rate itself when AAC takes it, else the next one up
+    (40 kHz -> 44.1 kHz, 22,222 Hz -> 24 kHz), 96 kHz for anything above (nothing is lost but what is inaudible)."""
+    return next((r for r in AAC_RATES if r >= rate), AAC_RATES[-1])
 
 
 def to_comfy_audio(waveform, sample_rate):
@@ -177,6 +208,22 @@ def video_frames(num_samples, fps=FPS):
 def clips_for(num_frames, frames_per_clip=FRAMES_PER_CLIP):
     """Clips of frames_per_clip frames needed to cover num_frames video frames (at least one)."""
     return max(1, -(-int(num_frames) // frames_per_clip))
+
+
+CONTEXT_SAMPLES = SAMPLE_RATE  # audio encoded past the last clip's end: 1 s of context for wav2vec2's attention
+
+
+def encode_for_clips(encode, speech, clips, frames_per_clip=FRAMES_PER_CLIP, fps=FPS):
+    """wav2vec2 hidden states [..., T50, D] for the first `clips` clips of prepared 16 kHz speech [N]: `encode` ([1, n]
+    -> [..., T, D]) runs only on the samples those clips use plus CONTEXT_SAMPLES (not a whole long recording), and
+    the result is zero-padded in time to the whole audio's frame count, so the 30-fps interpolation grid of
+    audio_buckets is exactly the whole file's. The kept frames differ from a whole-file encode only by what
+    wav2vec2's attention would have seen more than 1 s past them. Returns (hidden, samples encoded)."""
+    n = speech.shape[-1]
+    window = min(n, math.ceil(clips * frames_per_clip * SAMPLE_RATE / fps) + CONTEXT_SAMPLES)
+    hidden = encode(speech[None, :window])
+    missing = conv_output_length(n) - hidden.shape[-2]
+    return (F.pad(hidden, (0, 0, 0, missing)) if missing > 0 else hidden), window
 
 
 def audio_buckets(hidden_states, num_frames=None, fps=FPS):

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from . import convert
+from .checks import check_weights
 from .gguf import GGUFError, quant_summary, read_gguf
 
 # marker key (without prefix) -> what a file holding it is
@@ -53,10 +54,31 @@ def _read_safetensors(path):
                               "the file is truncated or corrupt: download it again") from e
 
 
+def _listing(names, limit=5):
+    """Up to `limit` names, then how many more (an error message stays short whatever the count)."""
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _shard_names(path):
+    """The shard file names an index json lists; each must be a plain name in the index's own folder (an absolute
+    path, a sub-folder or `..` would read files from elsewhere on disk)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted({str(v) for v in weight_map.values()})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"'{os.path.basename(path)}' is not a readable shard index (no weight_map: {e})") from e
+    outside = [s for s in shards if os.path.basename(s.replace("\\", "/")) != s or s in ("", ".", "..")]
+    if outside:
+        raise CheckpointError(f"'{os.path.basename(path)}' names shards outside its own folder ({_listing(outside, 3)}): "
+                              "refused; shards must be plain file names in the index's folder")
+    return shards
+
+
 def _read_index(path):
     folder = os.path.dirname(path)
-    with open(path, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    shards = _shard_names(path)
     sd = {}
     for name in shards:
         shard = os.path.join(folder, name)
@@ -72,7 +94,11 @@ def shard_index(path):
     for f in sorted(os.listdir(folder or ".")):
         if f.endswith(".index.json"):
             with open(os.path.join(folder, f), encoding="utf-8") as fh:
-                if name in json.load(fh).get("weight_map", {}).values():
+                try:
+                    listed = json.load(fh).get("weight_map", {}).values()
+                except (ValueError, AttributeError):
+                    continue  # not an index of ours (another json): the shard is read without it
+                if name in listed:
                     return os.path.join(folder, f)
     return None
 
@@ -84,8 +110,9 @@ def _sibling_shards(path):
     shards = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
     missing = [os.path.basename(s) for s in shards if not os.path.isfile(s)]
     if missing:
-        raise CheckpointError(f"'{os.path.basename(path)}' is one of {total} shards and {', '.join(missing)} "
-                              f"is missing beside it: download every shard into {os.path.dirname(path) or '.'}")
+        which = f"{missing[0]} is" if len(missing) == 1 else f"{len(missing)} of them ({_listing(missing)}) are"
+        raise CheckpointError(f"'{os.path.basename(path)}' is one of {total} shards and {which} missing beside it: "
+                              f"download every shard into {os.path.dirname(path) or '.'}")
     return shards
 
 
@@ -249,5 +276,6 @@ def assign_weights(model, sd, ops, what, hint):
     if missing:
         more = " ..." if len(missing) > 5 else ""
         raise ValueError(f"incomplete {what} state dict: missing {missing[:5]}{more}; {hint}")
+    check_weights(model, sd, f"{what} weights")
     model.load_state_dict({k: sd[k] if ops is not None else sd[k].float() for k in wanted}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -3,17 +3,34 @@
 import torch
 import torch.nn.functional as F
 
+from .checks import check_finite
 from .pipeline import frame_mask
+
+
+def _rgb(images, name):
+    """IMAGE [B, H, W, C] in [0, 1] -> [B, H, W, 3]: grey (1 channel) broadcast to RGB, alpha dropped. Other channel
+    counts, empty images and NaN/inf pixels are refused naming `name`."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"{name} must be an IMAGE [frames, height, width, channels] with 1 (grey), 3 (RGB) or 4 (RGBA) "
+                         f"channels, got shape {tuple(images.shape)}: convert it to RGB first")
+    if 0 in images.shape[:3]:
+        raise ValueError(f"{name} is empty ({images.shape[0]} frames of {images.shape[2]}x{images.shape[1]} pixels): "
+                         "connect a real image")
+    check_finite(images, name)
+    return images[..., :3] if images.shape[-1] >= 3 else images.expand(-1, -1, -1, 3)
 
 
 def to_pixels(image, name):
     """[B, H, W, C] in [0, 1] -> [1, 3, H, W] in [-1, 1]; grey images are expanded, alpha is dropped."""
-    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"{name} must be an IMAGE [batch, height, width, channels], got shape {tuple(image.shape)}")
-    if image.shape[0] != 1:
+    rgb = _rgb(image, name)
+    if rgb.shape[0] != 1:
         raise ValueError(f"{name} holds {image.shape[0]} images but one is used: pick one (e.g. with Image From Batch)")
-    rgb = image[..., :3] if image.shape[-1] >= 3 else image.expand(-1, -1, -1, 3)
     return rgb.permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def pose_pixels(video, name="pose_video"):
+    """IMAGE frames [T, H, W, C] in [0, 1] (grey, RGB or RGBA, any count) -> [1, 3, T, H, W] in [-1, 1]."""
+    return _rgb(video, name).permute(3, 0, 1, 2)[None].float() * 2 - 1
 
 
 def fit(pixels, width, height):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from . import parallel
 from .attention import attention, use_backend
 from .cache import block0_signal
+from .checks import check_weights
 
 HEAD_DIM = 128  # every official Wan model uses 128-wide heads
 
@@ -332,6 +333,7 @@ class WanDiT(nn.Module):
         with torch.device("meta"):
             model = cls(**cfg, ops=ops)
         model.variant_name = cls.variant(cfg)
+        check_weights(model, sd, f"{model.variant_name} weights")
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

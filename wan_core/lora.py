@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save_file
 
+from .checks import check_finite
 from .convert import DIT_BLOCK, DIT_TOP
 
 # official module name -> diffusers (WanTransformer3DModel) name, inside `blocks.N.` and at the top level
@@ -143,6 +144,25 @@ class LoraMatch:
                          "Use a Wan LoRA made for the loaded diffusion model")
 
 
+def check_lora_tensors(lora_sd):
+    """A LoRA file's tensors are float factors / deltas, finite, and each alpha one number: ValueError naming the key
+    otherwise (a bool or integer file is no LoRA; a NaN would turn the whole video NaN)."""
+    for key, tensor in lora_sd.items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        kind = split_key(key)[1]
+        if tensor.dtype == torch.bool or (kind != "alpha" and not tensor.is_floating_point()):
+            raise ValueError(f"{key} holds {str(tensor.dtype).replace('torch.', '')} values: a LoRA's tensors are "
+                             "floating point; this is not a LoRA weight file (or a damaged one)")
+        if kind == "alpha" and tensor.numel() != 1:
+            raise ValueError(f"{key} holds {tensor.numel()} values but a LoRA alpha is one number: the file is damaged "
+                             "or of an unsupported kind")
+        if kind in ("up", "down") and tensor.ndim < 2:
+            raise ValueError(f"{key} is {tensor.ndim}-D {list(tensor.shape)} but LoRA factors (lora_up / lora_down, "
+                             "lora_B / lora_A) are matrices: the file is damaged or of an unsupported kind")
+        check_finite(tensor, key, "the LoRA file is damaged (download it again)")
+
+
 def _group(lora_sd, match):
     groups = {}
     for key, tensor in lora_sd.items():
@@ -183,7 +203,9 @@ def match_lora(lora_sd, model_sd):
     """Patches of a LoRA state dict (any supported layout) on a model given by its state dict (or key -> shape).
 
     Returns a LoraMatch: patches {official key: ("lora", (up, down, alpha, None, None, None)) | ("diff", (t,))},
-    unmatched / mismatched LoRA keys. Factors keep the file's dtype; alpha is a float or None."""
+    unmatched / mismatched LoRA keys. Factors keep the file's dtype; alpha is a float or None. Malformed files (bool /
+    integer tensors, 1-D factors, a vector alpha, NaN/inf) are refused (check_lora_tensors)."""
+    check_lora_tensors(lora_sd)
     shapes = {k: tuple(getattr(v, "shape", v)) for k, v in model_sd.items()}
     aliases = module_aliases(shapes)
     match = LoraMatch()

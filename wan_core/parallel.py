@@ -458,6 +458,40 @@ def parse_devices(spec):
     return devices
 
 
+def check_devices(devices, spec=None):
+    """Refuse, before any worker starts, device lists this machine cannot run: CUDA devices it does not have, device
+    types other than cuda and cpu (meta, ...), and more CPU processes than it has cores."""
+    spec = ",".join(devices) if spec is None else spec
+    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for d in map(torch.device, devices):
+        if d.type not in ("cuda", "cpu"):
+            raise ValueError(f"devices {spec!r}: {d.type!r} devices cannot run the workers; use cuda devices, or "
+                             "'cpu:2' for CPU processes")
+        if d.type == "cuda" and (d.index or 0) >= cuda:
+            have = f"{cuda} CUDA device(s) (cuda:0 to cuda:{cuda - 1})" if cuda else "no CUDA device"
+            raise ValueError(f"devices {spec!r}: this machine has {have}; name devices it has, 'cuda:all', or "
+                             "'cpu:2' for CPU processes")
+    cpus = sum(torch.device(d).type == "cpu" for d in devices)
+    limit = max(2, os.cpu_count() or 1)
+    if cpus > limit:
+        raise ValueError(f"devices {spec!r}: {cpus} CPU processes but this machine has {os.cpu_count()} cores; "
+                         f"use at most cpu:{limit}")
+    return devices
+
+
+def check_layout(world, cfg_parallel, attention_mode, heads):
+    """The refusals make_mesh and Ulysses attention would raise inside the workers, before any worker starts:
+    cfg_parallel on an odd device count, attention 'ulysses' where the head count does not divide the devices per
+    pass. ValueError naming the input and the fix."""
+    cfg = 2 if cfg_parallel else 1
+    if world % cfg:
+        raise ValueError(f"cfg_parallel needs an even number of devices, got {world}: turn cfg_parallel off or add a "
+                         "device")
+    if attention_mode == "ulysses" and world // cfg > 1 and heads % (world // cfg):
+        raise ValueError(f"attention 'ulysses' needs the model's head count ({heads}) to be a multiple of the devices "
+                         f"per pass ({world // cfg}): use attention 'auto' or 'ring', or another device count")
+
+
 class WorkerPool:
     """One worker process per device (torch.multiprocessing, spawn), each holding `factory(device)`'s models and
     running jobs `fn(models, mesh, device, stop_check, *args)` on every rank in step; rank 0's result comes back

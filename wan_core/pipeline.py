@@ -36,6 +36,9 @@ def latent_shape(width, height, length, channels=16, batch=1):
     return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
+SEED_SPACE = 2 ** 64  # seeds wrap modulo 2^64 (the widgets' range), so seed + clip never overflows the generator
+
+
 def guided(cfg):
     """Whether guidance `cfg` needs the negative pass: not at 1, within 1e-6 (as Wan2.2-Lightning's use_cfg; a
     widget's 1.0000000000000002 is 1)."""
@@ -43,10 +46,11 @@ def guided(cfg):
 
 
 def initial_noise(shape, seed, generator=None):
-    """Seeded Gaussian noise from a CPU generator (the same on every device). Pass `generator` (a CPU
-    torch.Generator) to keep drawing from it afterwards: lcm-distilled takes its fresh noise from the same stream."""
+    """Seeded Gaussian noise from a CPU generator (the same on every device); any integer seed, taken mod 2^64. Pass
+    `generator` (a CPU torch.Generator) to keep drawing from it afterwards: lcm-distilled takes its fresh noise from
+    the same stream."""
     generator = generator if generator is not None else torch.Generator("cpu")
-    return torch.randn(shape, generator=generator.manual_seed(seed), dtype=torch.float32)
+    return torch.randn(shape, generator=generator.manual_seed(int(seed) % SEED_SPACE), dtype=torch.float32)
 
 
 def pad_context(ctx, length=512):

@@ -20,6 +20,8 @@ import math
 import numpy as np
 import torch
 
+from .checks import MODEL_CAUSE, check_finite
+
 SAMPLERS = ("unipc", "dpm++", "euler", "euler-distilled", "lcm-distilled")  # append only: saved workflows
 DISTILLED = ("euler-distilled", "lcm-distilled")
 TRAIN_STEPS = 1000
@@ -202,7 +204,9 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, gene
     denoise(x_t float32, sigma: float, timestep: 0-dim CPU tensor, int64 or for the distilled samplers float64)
     -> velocity (CFG done by the caller). callback(i, steps, x_next, x0_pred) after each step; exceptions
     propagate (interrupts). Euler runs on the UniPC schedule. generator: the CPU torch.Generator lcm-distilled
-    draws its fresh noise from (the one that made x, so a seed fixes the whole run; default: seeded 0).
+    draws its fresh noise from (the one that made x, so a seed fixes the whole run; default: seeded 0). A step whose
+    prediction holds NaN/inf stops the run (checks.NonFiniteError naming the step and the likely cause) instead of
+    carrying it into a black video.
     """
     sigmas, timesteps = schedule(sampler, steps, shift)
     if sampler == "lcm-distilled":
@@ -213,7 +217,7 @@ def sample(denoise, x, sampler="unipc", steps=50, shift=5.0, callback=None, gene
     for i in range(steps):
         sigma = float(sigmas[i])
         v = denoise(xt, sigma, timesteps[i]).to(xt)
-        x0 = xt - sigma * v
+        x0 = check_finite(xt - sigma * v, f"the diffusion model's prediction at step {i + 1} of {steps}", MODEL_CAUSE)
         xt = solver.step(i, xt, v, x0)
         if callback is not None:
             callback(i, steps, xt, x0)

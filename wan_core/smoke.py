@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .checks import check_tensors
 from .dit import WanDiT
 from .lora import write_smoke_lora
 from .t5 import _HF_BLOCK, _HF_TOP, UMT5Encoder
@@ -86,7 +87,9 @@ def official_to_hf(sd):
 
 
 def _state(module, dtype):
-    return {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    """The module's tensors in `dtype`, every value finite there (a smoke file holding inf makes NaN videos)."""
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    return check_tensors(sd, f"smoke {type(module).__name__} in {dtype}", "fix its initialisation in wan_core/smoke.py")
 
 
 def write_text_encoders(root):
@@ -152,9 +155,13 @@ def write_s2v(root):
 
 
 def write_clip(root):
-    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1."""
+    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1. The class
+    embedding (created uninitialised) is drawn like CLIP's own init, N(0, dim^-0.5)."""
     torch.manual_seed(3)
-    sd = _state(WanCLIPVision(**CLIP_TINY), torch.float16)
+    model = WanCLIPVision(**CLIP_TINY)
+    with torch.no_grad():
+        model.embeddings.class_embedding.normal_(0, CLIP_TINY["dim"] ** -0.5)
+    sd = _state(model, torch.float16)
     save_file({"vision_model." + k: v for k, v in sd.items()}, os.path.join(root, "clip_vision", "clip_vision_h.safetensors"))
 
 

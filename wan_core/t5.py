@@ -11,6 +11,8 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .checks import check_weights
+
 EPS = 1e-6
 MAX_DISTANCE = 128
 
@@ -149,6 +151,7 @@ class UMT5Encoder(torch.nn.Module):
             sd = _dequantize(sd)
         with torch.device("meta"):
             model = cls(**config, ops=ops)
+        check_weights(model, sd, "umT5 text encoder weights")
         missing, _ = model.load_state_dict(sd, strict=False, assign=True)
         missing = [k for k in missing if k.endswith(".weight")]
         if missing:

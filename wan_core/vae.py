@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .checks import check_weights
+
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -372,6 +374,7 @@ class _WanVAE(nn.Module):
         with torch.device("meta"):
             model = cls(*args, ops=ops)
         _check_keys(model.state_dict(), sd, cls.FAMILY)
+        check_weights(model, sd, f"{cls.FAMILY} weights")
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval()
 
