@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from . import convert
+from . import convert, t5
 from .gguf import GGUFError, quant_summary, read_gguf
 
 # marker key (without prefix) -> what a file holding it is
@@ -240,11 +240,32 @@ def load_vae(path):
     return Checkpoint(sd, layout)
 
 
+def load_text_encoder(raw, weight_dtype=None):
+    """A umT5 encoder state dict as read (ComfyUI/HF or official layout, any prefix) as a `Checkpoint` with official
+    keys. ComfyUI's scaled-fp8 file (umt5_xxl_fp8_e4m3fn_scaled: fp8 Linear weights with per-layer `scale_weight`
+    and a `scaled_fp8` marker) is handled as load_dit handles the DiT's: the scales are kept for ComfyUI's
+    scaled-fp8 ops (nodes/ops.py ops_for), or folded into the weights when weight_dtype is given (plain torch).
+    Input scales are dropped, as ComfyUI does for text encoders. Other files pass; weight_dtype casts them."""
+    sd = t5.to_official(raw)
+    fp8, _ = convert.pop_scaled_fp8(sd)
+    if fp8 is not None and weight_dtype is not None:
+        sd, fp8 = convert.fold_fp8_scales(sd, weight_dtype), None
+    elif fp8 is not None:
+        sd = convert.complete_fp8_scales(sd, input_scales=False)
+    elif weight_dtype is not None:
+        sd = convert.cast_weights(sd, weight_dtype)
+    official = any(k.endswith("blocks.0.attn.q.weight") for k in raw)
+    return Checkpoint(sd, "official" if official else "ComfyUI", fp8)
+
+
 def assign_weights(model, sd, ops, what, hint):
     """Load `sd` into a meta-device `model` by assignment (no copy): every key the model has must be there
     (ValueError naming up to 5 missing, `what` and `hint` otherwise); extras are ignored. Without casting ops
     (ops None: plain torch.nn) the tensors become float32. Returns the model in eval mode, no grads."""
     wanted = model.state_dict().keys()
+    scaled = [k for k in sd if k.endswith((".scale_weight", ".weight_scale")) or k.endswith("scaled_fp8")]
+    if scaled:
+        raise ValueError(f"this {what} file is scaled fp8 ({scaled[0]}), which this loader does not read: {hint}")
     missing = [k for k in wanted if k not in sd]
     if missing:
         more = " ..." if len(missing) > 5 else ""

@@ -176,12 +176,17 @@ def pop_scaled_fp8(sd):
     return (torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype), marker.numel() != 2
 
 
+# nn.Embedding tables of the Wan models (S2V's token-type table, umT5's token and relative-position tables): 2D
+# weights that are no Linear, so ComfyUI's scaled-fp8 ops give them no scale
+EMBEDDING_TABLES = ("trainable_cond_mask.weight", "token_embedding.weight", "pos_embedding.embedding.weight")
+
+
 def complete_fp8_scales(sd, input_scales):
     """The scale scalars ComfyUI's scaled_fp8_ops Linears hold, for every Linear: `scale_weight` (1 where the
     file has none, i.e. a layer it left unquantised) and `scale_input` when input_scales (else dropped)."""
     out = {k: v for k, v in sd.items() if input_scales or not k.endswith(".scale_input")}
     for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2:
+        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
             base = key[: -len("weight")]
             out.setdefault(base + "scale_weight", torch.ones((), dtype=torch.float32))
             if input_scales:
@@ -205,7 +210,7 @@ def to_scaled_fp8(sd, dtype=torch.float8_e4m3fn):
     as `scale_weight`, everything else as given, plus the `scaled_fp8` marker."""
     out = dict(sd)
     for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2:
+        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
             scale = value.float().abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
             out[key] = (value.float() / scale).to(dtype)
             out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
