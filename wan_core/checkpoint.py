@@ -202,6 +202,35 @@ def _layout(sd, markers, path, expected, node_hint):
     raise CheckpointError(f"'{os.path.basename(path)}' is not {expected}: it looks like {describe(sd)}. {node_hint}")
 
 
+# marker key -> (a Wan variant this pack does not run, what runs it): refused by name instead of loaded half-way
+_NATIVE = "ComfyUI's own Load Diffusion Model (UNETLoader) with its {} node"
+UNSUPPORTED_DIT = {
+    "vace_patch_embedding.weight": ("Wan VACE (wan2.1_vace_*)", _NATIVE.format("WanVaceToVideo")),
+    "control_adapter.conv.weight": ("Wan Fun Camera (wan2.1_fun_camera_*, wan2.2_fun_camera_*)",
+                                    _NATIVE.format("WanCameraImageToVideo")),
+    "audio_proj.audio_proj_glob_1.layer.bias": ("HuMo (humo_*)", _NATIVE.format("WanHuMoImageToVideo")),
+    "face_adapter.fuser_blocks.0.k_norm.weight": ("Wan 2.2 Animate (wan2.2_animate_14B_*)",
+                                                  _NATIVE.format("WanAnimateToVideo")),
+    "ref_conv.weight": ("Wan Fun Control/InP with a reference image (ref_conv)",
+                        _NATIVE.format("Wan22FunControlToVideo")),
+}
+
+
+def check_supported_dit(sd, path):
+    """Refuse the Wan diffusion models this pack does not run (a CheckpointError naming the variant and what runs
+    it): VACE, Fun Camera, HuMo, Animate, Fun Control/InP (their input channels are neither 16, 36 nor TI2V's 48/48)."""
+    name = os.path.basename(path.rstrip("/"))
+    for marker, (variant, use) in UNSUPPORTED_DIT.items():
+        if marker in sd:
+            raise CheckpointError(f"'{name}' is {variant}, which Wan Lean does not run: use {use}")
+    patch, head = sd.get("patch_embedding.weight"), sd.get("head.head.weight")
+    if patch is not None and head is not None:
+        in_dim, out_dim = patch.shape[1], head.shape[0] // 4
+        if in_dim not in (16, 36) and (in_dim, out_dim) != (48, 48):
+            raise CheckpointError(f"'{name}' takes {in_dim} input channels: a Wan Fun Control / Inpaint model, which "
+                                  f"Wan Lean does not run: use {_NATIVE.format('WanFunControlToVideo')}")
+
+
 def load_dit(path, weight_dtype=None):
     """A Wan diffusion model file of any layout and precision as a `Checkpoint` with official keys.
     weight_dtype: None keeps the file's dtypes; bf16/fp16/fp32 convert every float tensor; an fp8 dtype
@@ -214,6 +243,7 @@ def load_dit(path, weight_dtype=None):
     sd = strip_prefix(raw, prefix)
     if layout == "diffusers":
         sd = convert.dit_from_diffusers(sd)
+    check_supported_dit(sd, path)
     if path.endswith(".gguf"):
         layout = "GGUF"
     fp8, input_scales = convert.pop_scaled_fp8(sd)
