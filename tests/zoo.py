@@ -38,11 +38,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from wan_core import convert
-from wan_core.gguf import write_gguf
-from wan_core.lora import smoke_lora
-from wan_core.smoke import clip_state, dit_state, official_to_hf, t5_state, vae_state, write_sharded
-from wan_core.wav2vec2 import smoke_state_dict as wav2vec2_state
+if __name__ == "__main__":  # run as a script: the repository root on the path
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from wan_core import convert  # noqa: E402
+from wan_core.gguf import write_gguf  # noqa: E402
+from wan_core.lora import smoke_lora  # noqa: E402
+from wan_core.smoke import clip_state, dit_state, official_to_hf, t5_state, vae_state, write_sharded  # noqa: E402
+from wan_core.wav2vec2 import smoke_state_dict as wav2vec2_state  # noqa: E402
 
 VERSION = "zoo-v1"
 PREFIX = "model.diffusion_model."
@@ -417,16 +420,22 @@ def write_zoo(root, rows=None):
 
 
 def readme_table(figures):
-    """The README's zoo table (markdown) from {row name: measured error}."""
-    lines = ["| File (as published) | Publisher | Model | Layout / precision | Stated error | Measured | Server |",
-             "|---|---|---|---|---|---|---|"]
+    """The README's zoo table (markdown) from {row name: {"node": error, "server": error}} (.smoke/zoo-figures.json)."""
+    lines = ["| File (as published) | Publisher | Model | Layout / precision | Stated error | Measured (node / server) |",
+             "|---|---|---|---|---|---|"]
     for row in ZOO:
+        got = figures.get(row.name, {})
         if row.refused:
-            measured, tol = "refused, names what to use", "–"
+            measured, tol = "refused: names the variant and what runs it", "–"
         else:
-            measured, tol = f"{figures[row.name]:.1e}", f"{TOLERANCE[row.precision]:.0e}"
+            measured = " / ".join(f"{got[w]:.1e}" for w in ("node", "server") if w in got) or "not run"
+            tol = f"{TOLERANCE[row.precision]:.0e}"
         what = f"{row.layout} / {row.precision}" + (f", rank {row.rank}" if row.rank else "")
-        lines.append(f"| `{row.name}` | {row.publisher} | {row.model} | {what} | {tol} | {measured} | "
-                     f"{'✓' if row.server else ''} |")
+        lines.append(f"| `{row.name}` | {row.publisher} | {row.model} | {what} | {tol} | {measured} |")
     return "\n".join(lines)
 
+
+if __name__ == "__main__":  # the README table from the figures the last test run recorded
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "..", ".smoke", "zoo-figures.json")) as f:
+        print(readme_table(json.load(f)))
