@@ -7,7 +7,7 @@ import folder_paths
 import comfy.model_management as mm
 
 from ..wan_core import attention as attention_backends
-from ..wan_core.checkpoint import load_dit, load_vae, read_file
+from ..wan_core.checkpoint import load_dit, load_text_encoder, load_vae, read_file
 from ..wan_core.compile import MODES as COMPILE_MODES, check_toolchain, compile_blocks
 from ..wan_core.dit import WanDiT
 from ..wan_core.s2v import WanS2V, is_s2v_state_dict
@@ -138,7 +138,8 @@ class WanLeanTextEncoderLoader:
         path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
         raw = read_file(path)
         device = mm.text_encoder_device()
-        model = UMT5Encoder.from_state_dict(raw, ops=casting_ops())  # runs in fp32, weights cast at use
+        ckpt = load_text_encoder(raw)  # scaled fp8 keeps its scales, for ComfyUI's scaled-fp8 ops
+        model = UMT5Encoder.from_state_dict(ckpt.sd, ops=ops_for(ckpt, device))  # runs in fp32, weights cast at use
         tokenizer = UMT5Tokenizer.locate(path, raw)  # after the model check: a wrong file is named as such first
         return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32, tokenizer=tokenizer),)
 

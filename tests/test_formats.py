@@ -251,10 +251,10 @@ def test_dequantisers_match_gguf_reference():
         assert np.array_equal(ours, ref), qtype
 
 
-@pytest.mark.parametrize("qtype,rms", [("Q4_K", 0.09), ("Q5_K", 0.045), ("Q8_0", 0.007)])
+@pytest.mark.parametrize("qtype,rms", [("Q4_K", 0.09), ("Q5_K", 0.045), ("Q6_K", 0.025), ("Q8_0", 0.007)])
 def test_quantizer_roundtrip(qtype, rms):
     """wan_core's K-quant writer (the gguf package has none) decodes, by the gguf package, to the input
-    within the format's precision (measured rms on N(0,1): Q4_K 0.079, Q5_K 0.038, Q8_0 0.0055)."""
+    within the format's precision (measured rms on N(0,1): Q4_K 0.079, Q5_K 0.038, Q6_K 0.019, Q8_0 0.0055)."""
     import gguf
     from wan_core.gguf import quantize
     x = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)

@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import import_comfy, scale_close
+from wan_core.checkpoint import load_text_encoder
 from wan_core.t5 import UMT5Encoder, encode_text, hf_to_official, relative_buckets
 from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT, UMT5Tokenizer, clean_prompt, train_smoke_spm
 
@@ -119,7 +120,7 @@ def test_official_and_hf_layouts_agree(tok):
     assert set(official) == set(model.state_dict())
     assert "blocks.1.ffn.gate.0.weight" in official and "blocks.0.pos_embedding.embedding.weight" in official
     # ComfyUI-style extras and a saved-CLIP prefix are tolerated
-    extras = {"spiece_model": torch.frombuffer(bytearray(b"spm"), dtype=torch.uint8), "scaled_fp8": torch.tensor([])}
+    extras = {"spiece_model": torch.frombuffer(bytearray(b"spm"), dtype=torch.uint8)}
     prefixed = {f"text_encoders.umt5xxl.transformer.{k}": v for k, v in hf.items()}
     ids, mask = tok([EN, ZH])
     with torch.no_grad():
@@ -138,7 +139,8 @@ def test_rejects_non_umt5(tok):
 
 def test_storage_dtypes_and_comfy_ops(tok):
     """fp16 storage: plain torch.nn makes it float32; ComfyUI's manual_cast ops keep fp16 and cast at
-    use (embedding via out_dtype, norm gamma via .to(x)); scaled-fp8 weights are dequantized."""
+    use (embedding via out_dtype, norm gamma via .to(x)); scaled-fp8 weights are refused unless their scales are
+    kept or folded (wan_core.checkpoint.load_text_encoder; the loader node's path is in tests/test_zoo.py)."""
     comfy = import_comfy()
     import comfy.ops
 
@@ -152,9 +154,12 @@ def test_storage_dtypes_and_comfy_ops(tok):
         scale_close(cast(ids, mask), plain(ids, mask), rel=1e-5)
 
     w = torch.randn(FFN, DIM)
-    fp8 = {"blocks.0.ffn.fc1.weight": (w / 0.01).to(torch.float8_e4m3fn), "blocks.0.ffn.fc1.scale_weight": torch.tensor(0.01)}
+    fp8 = {"blocks.0.ffn.fc1.weight": (w / 0.01).to(torch.float8_e4m3fn), "blocks.0.ffn.fc1.scale_weight": torch.tensor(0.01),
+           "scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     official = {**hf_to_official(hf16), **fp8}
-    model = UMT5Encoder.from_state_dict(official)
+    with pytest.raises(ValueError, match="scaled fp8"):  # never run with the scales dropped (the old silent bug)
+        UMT5Encoder.from_state_dict(official)
+    model = UMT5Encoder.from_state_dict(load_text_encoder(official, torch.float32).sd)
     assert torch.equal(model.blocks[0].ffn.fc1.weight, fp8["blocks.0.ffn.fc1.weight"].float() * 0.01)
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from . import convert
+from . import convert, t5
 from .checks import check_weights
 from .gguf import GGUFError, quant_summary, read_gguf
 
@@ -229,6 +229,35 @@ def _layout(sd, markers, path, expected, node_hint):
     raise CheckpointError(f"'{os.path.basename(path)}' is not {expected}: it looks like {describe(sd)}. {node_hint}")
 
 
+# marker key -> (a Wan variant this pack does not run, what runs it): refused by name instead of loaded half-way
+_NATIVE = "ComfyUI's own Load Diffusion Model (UNETLoader) with its {} node"
+UNSUPPORTED_DIT = {
+    "vace_patch_embedding.weight": ("Wan VACE (wan2.1_vace_*)", _NATIVE.format("WanVaceToVideo")),
+    "control_adapter.conv.weight": ("Wan Fun Camera (wan2.1_fun_camera_*, wan2.2_fun_camera_*)",
+                                    _NATIVE.format("WanCameraImageToVideo")),
+    "audio_proj.audio_proj_glob_1.layer.bias": ("HuMo (humo_*)", _NATIVE.format("WanHuMoImageToVideo")),
+    "face_adapter.fuser_blocks.0.k_norm.weight": ("Wan 2.2 Animate (wan2.2_animate_14B_*)",
+                                                  _NATIVE.format("WanAnimateToVideo")),
+    "ref_conv.weight": ("Wan Fun Control/InP with a reference image (ref_conv)",
+                        _NATIVE.format("Wan22FunControlToVideo")),
+}
+
+
+def check_supported_dit(sd, path):
+    """Refuse the Wan diffusion models this pack does not run (a CheckpointError naming the variant and what runs
+    it): VACE, Fun Camera, HuMo, Animate, Fun Control/InP (their input channels are neither 16, 36 nor TI2V's 48/48)."""
+    name = os.path.basename(path.rstrip("/"))
+    for marker, (variant, use) in UNSUPPORTED_DIT.items():
+        if marker in sd:
+            raise CheckpointError(f"'{name}' is {variant}, which Wan Lean does not run: use {use}")
+    patch, head = sd.get("patch_embedding.weight"), sd.get("head.head.weight")
+    if patch is not None and head is not None:
+        in_dim, out_dim = patch.shape[1], head.shape[0] // 4
+        if in_dim not in (16, 36) and (in_dim, out_dim) != (48, 48):
+            raise CheckpointError(f"'{name}' takes {in_dim} input channels: a Wan Fun Control / Inpaint model, which "
+                                  f"Wan Lean does not run: use {_NATIVE.format('WanFunControlToVideo')}")
+
+
 def load_dit(path, weight_dtype=None):
     """A Wan diffusion model file of any layout and precision as a `Checkpoint` with official keys.
     weight_dtype: None keeps the file's dtypes; bf16/fp16/fp32 convert every float tensor; an fp8 dtype
@@ -241,6 +270,7 @@ def load_dit(path, weight_dtype=None):
     sd = strip_prefix(raw, prefix)
     if layout == "diffusers":
         sd = convert.dit_from_diffusers(sd)
+    check_supported_dit(sd, path)
     if path.endswith(".gguf"):
         layout = "GGUF"
     fp8, input_scales = convert.pop_scaled_fp8(sd)
@@ -267,11 +297,32 @@ def load_vae(path):
     return Checkpoint(sd, layout)
 
 
+def load_text_encoder(raw, weight_dtype=None):
+    """A umT5 encoder state dict as read (ComfyUI/HF or official layout, any prefix) as a `Checkpoint` with official
+    keys. ComfyUI's scaled-fp8 file (umt5_xxl_fp8_e4m3fn_scaled: fp8 Linear weights with per-layer `scale_weight`
+    and a `scaled_fp8` marker) is handled as load_dit handles the DiT's: the scales are kept for ComfyUI's
+    scaled-fp8 ops (nodes/ops.py ops_for), or folded into the weights when weight_dtype is given (plain torch).
+    Input scales are dropped, as ComfyUI does for text encoders. Other files pass; weight_dtype casts them."""
+    sd = t5.to_official(raw)
+    fp8, _ = convert.pop_scaled_fp8(sd)
+    if fp8 is not None and weight_dtype is not None:
+        sd, fp8 = convert.fold_fp8_scales(sd, weight_dtype), None
+    elif fp8 is not None:
+        sd = convert.complete_fp8_scales(sd, input_scales=False)
+    elif weight_dtype is not None:
+        sd = convert.cast_weights(sd, weight_dtype)
+    official = any(k.endswith("blocks.0.attn.q.weight") for k in raw)
+    return Checkpoint(sd, "official" if official else "ComfyUI", fp8)
+
+
 def assign_weights(model, sd, ops, what, hint):
     """Load `sd` into a meta-device `model` by assignment (no copy): every key the model has must be there
     (ValueError naming up to 5 missing, `what` and `hint` otherwise); extras are ignored. Without casting ops
     (ops None: plain torch.nn) the tensors become float32. Returns the model in eval mode, no grads."""
     wanted = model.state_dict().keys()
+    scaled = [k for k in sd if k.endswith((".scale_weight", ".weight_scale")) or k.endswith("scaled_fp8")]
+    if scaled:
+        raise ValueError(f"this {what} file is scaled fp8 ({scaled[0]}), which this loader does not read: {hint}")
     missing = [k for k in wanted if k not in sd]
     if missing:
         more = " ..." if len(missing) > 5 else ""

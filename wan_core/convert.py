@@ -166,14 +166,36 @@ def cast_weights(sd, dtype):
     return {k: cast(k, v) for k, v in sd.items()}
 
 
+# ComfyUI's newer per-layer names (mixed-precision files: `_quantization_metadata` in the header, a `.comfy_quant`
+# entry per layer) -> the scaled-fp8 names; the arithmetic is the same (weight * scale, per tensor)
+_NEW_SCALE_NAMES = {".weight_scale": ".scale_weight", ".input_scale": ".scale_input"}
+
+
 def pop_scaled_fp8(sd):
-    """ComfyUI's scaled-fp8 marker, removed from sd: (fp8 dtype, whether ComfyUI keeps input scales) or (None, False).
-    As ComfyUI's model_detection reads it: a float32 marker means e4m3fn; a 2-element marker turns the fp8
-    matmul optimisation (and with it the input scales) off."""
+    """Scaled fp8, its markers removed from sd: (fp8 dtype, whether input scales are kept) or (None, False).
+    ComfyUI's `scaled_fp8` marker is read as its model_detection reads it: a float32 marker means e4m3fn; a
+    2-element marker turns the fp8 matmul optimisation (and with it the input scales) off. Files with per-layer
+    scales and no marker (Kijai's `*_fp8_e4m3fn_scaled_KJ`) or ComfyUI's newer `.weight_scale` / `.input_scale`
+    names are the same arithmetic: their scaled weights' dtype, input scales kept where the file has them."""
+    for key in [k for k in sd if k.endswith((".weight_scale", ".input_scale", ".comfy_quant"))]:
+        value = sd.pop(key)
+        suffix = key[key.rindex("."):]
+        if suffix in _NEW_SCALE_NAMES:
+            sd[key[: -len(suffix)] + _NEW_SCALE_NAMES[suffix]] = value
     marker = sd.pop("scaled_fp8", None)
-    if marker is None:
+    if marker is not None:
+        return (torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype), marker.numel() != 2
+    scaled = next((k for k in sd if k.endswith(".scale_weight")), None)
+    if scaled is None:
         return None, False
-    return (torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype), marker.numel() != 2
+    weight = sd.get(scaled[: -len("scale_weight")] + "weight")
+    dtype = weight.dtype if weight is not None and weight.dtype in FP8 else torch.float8_e4m3fn
+    return dtype, any(k.endswith(".scale_input") for k in sd)
+
+
+# nn.Embedding tables of the Wan models (S2V's token-type table, umT5's token and relative-position tables): 2D
+# weights that are no Linear, so ComfyUI's scaled-fp8 ops give them no scale
+EMBEDDING_TABLES = ("trainable_cond_mask.weight", "token_embedding.weight", "pos_embedding.embedding.weight")
 
 
 def complete_fp8_scales(sd, input_scales):
@@ -181,7 +203,7 @@ def complete_fp8_scales(sd, input_scales):
     file has none, i.e. a layer it left unquantised) and `scale_input` when input_scales (else dropped)."""
     out = {k: v for k, v in sd.items() if input_scales or not k.endswith(".scale_input")}
     for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2:
+        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
             base = key[: -len("weight")]
             out.setdefault(base + "scale_weight", torch.ones((), dtype=torch.float32))
             if input_scales:
@@ -205,7 +227,7 @@ def to_scaled_fp8(sd, dtype=torch.float8_e4m3fn):
     as `scale_weight`, everything else as given, plus the `scaled_fp8` marker."""
     out = dict(sd)
     for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2:
+        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
             scale = value.float().abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
             out[key] = (value.float() / scale).to(dtype)
             out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())

@@ -261,31 +261,71 @@ def _pack_k(x, five_bit):
     return np.concatenate(parts, axis=1)
 
 
+def _pack_q6_k(x):
+    """float32 [n, 256] -> Q6_K blocks [n, 210]: 6-bit values (4 low bits, 2 high bits) around 32, an int8 scale per
+    16 values, an fp16 d."""
+    sub = x.reshape(-1, 16, 16)
+    amax = np.take_along_axis(sub, np.abs(sub).argmax(-1)[..., None], -1)[..., 0]
+    scale = -amax / 32  # the largest magnitude maps to -32 (as llama.cpp's make_qx_quants does)
+    d = (np.abs(scale).max(-1, keepdims=True) / 127).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.nan_to_num(np.rint(scale / d.astype(np.float32))).clip(-128, 127).astype(np.int8)
+        step = (d.astype(np.float32) * sc)[..., None]
+        q = np.nan_to_num(np.rint(sub / step)).clip(-32, 31)
+    q = (q + 32).astype(np.uint8).reshape(-1, 2, 128)  # per half: values 0..127
+    low, high = q & 15, q >> 4
+    ql = (low[:, :, :64] | (low[:, :, 64:] << 4)).reshape(-1, 128)
+    qh = sum(high[:, :, 32 * k:32 * (k + 1)] << (2 * k) for k in range(4)).astype(np.uint8).reshape(-1, 64)
+    return np.concatenate([ql, qh, sc.view(np.uint8), d.view(np.uint8)], axis=1)
+
+
 def quantize(x, qtype):
     """float32 numpy array [..., k] -> ggml blocks (uint8 [..., bytes]); k a multiple of the type's block."""
     import gguf
-    if qtype in ("Q4_K", "Q5_K"):
+    if qtype in ("Q4_K", "Q5_K", "Q6_K"):
         rows = x.reshape(-1, QK_K).astype(np.float32)
-        return _pack_k(rows, qtype == "Q5_K").reshape(*x.shape[:-1], -1)
+        packed = _pack_q6_k(rows) if qtype == "Q6_K" else _pack_k(rows, qtype == "Q5_K")
+        return packed.reshape(*x.shape[:-1], -1)
     return gguf.quants.quantize(x.astype(np.float32), gguf.GGMLQuantizationType[qtype])
 
 
-def write_gguf(sd, path, qtype, arch="wan"):
-    """An official-key state dict as a Wan GGUF in city96's layout: matrices whose rows split into whole
-    blocks in `qtype`, other matrices F16; 1D, small (<= 1024 values) and `.modulation` tensors and the 5D
-    patch embedding in F32 (the latter with its 5D shape)."""
-    import gguf
+# llama.cpp's general.file_type of a whole file (LlamaFileType), by its name's quantisation
+FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K": 12, "Q4_K": 15,
+              "Q5_K": 17, "Q6_K": 18}
+_HIGHER = {"Q4_K": "Q6_K", "Q5_K": "Q6_K", "Q3_K": "Q5_K", "Q2_K": "Q4_K"}  # *_K_M: some tensors one step up
+ROW = 256  # city96's converter re-shapes matrices into rows of 256 when their own rows do not split into blocks
+
+
+def _tensor_type(key, x, qtype, mixed):
+    """(GGML type, array to store, original shape or None) of one tensor in city96's layout."""
+    if x.ndim < 2 or x.size <= 1024 or key.endswith(".modulation") or x.ndim > 4:
+        return "F32", x, None
+    if mixed and key.endswith(("self_attn.v.weight", "ffn.2.weight")):
+        qtype = _HIGHER.get(qtype, qtype)
     block = BLOCK_TYPES[qtype][0]
+    if x.shape[-1] % block == 0 and x.ndim == 2:
+        return qtype, x, None
+    if x.size % ROW == 0:  # every block type's size divides 256
+        return qtype, x.reshape(-1, ROW), x.shape
+    return "F16", x.astype(np.float16), None
+
+
+def write_gguf(sd, path, qtype, arch="wan", mixed=False):
+    """An official-key state dict as a Wan GGUF in city96's layout (his ComfyUI-GGUF convert script + llama.cpp's
+    quantiser): general.architecture `arch`, quantization_version, file_type; 1D, small (<= 1024 values),
+    `.modulation` and 5D tensors (the patch embedding, kept 5D as his fix_5d_tensors step does) in F32; matrices in
+    `qtype`, re-shaped into rows of 256 with a `comfy.gguf.orig_shape.<key>` INT32 array where their rows do not
+    split into blocks; mixed (the *_K_M files): `self_attn.v` and `ffn.2` one step higher."""
+    import gguf
     writer = gguf.GGUFWriter(path=None, arch=arch)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(FILE_TYPES[qtype])
     for key, value in sd.items():
-        x = value.float().numpy()
-        if x.ndim != 2 or x.size <= 1024 or key.endswith(".modulation"):
-            writer.add_tensor(key, x, raw_dtype=gguf.GGMLQuantizationType.F32)
-        elif x.shape[1] % block:
-            writer.add_tensor(key, x.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
-        else:
-            writer.add_tensor(key, quantize(x, qtype), raw_dtype=gguf.GGMLQuantizationType[qtype])
+        kind, x, orig = _tensor_type(key, value.float().numpy(), qtype, mixed)
+        if orig is not None:
+            writer.add_array(f"comfy.gguf.orig_shape.{key}", [int(n) for n in orig])
+        data = quantize(x, kind) if kind in BLOCK_TYPES else x
+        writer.add_tensor(key, data, raw_dtype=gguf.GGMLQuantizationType[kind])
     writer.write_header_to_file(path=path)
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

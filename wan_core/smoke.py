@@ -92,15 +92,19 @@ def _state(module, dtype):
     return check_tensors(sd, f"smoke {type(module).__name__} in {dtype}", "fix its initialisation in wan_core/smoke.py")
 
 
-def write_text_encoders(root):
+def t5_state(dtype=torch.float16):
+    """(the smoke umT5 in official keys in `dtype`, its SentencePiece model bytes); same weights in every dtype."""
     torch.manual_seed(0)
     spm = train_smoke_spm(seed=0)
-    t5 = UMT5Encoder(vocab=_vocab_size(spm), **T5_TINY)
-    sd = _state(t5, torch.float16)
+    return _state(UMT5Encoder(vocab=_vocab_size(spm), **T5_TINY), dtype), spm
+
+
+def write_text_encoders(root):
+    sd, spm = t5_state(torch.float16)
     hf = official_to_hf(sd)
     hf["spiece_model"] = torch.from_numpy(np.frombuffer(spm, dtype=np.uint8).copy())
     save_file(hf, os.path.join(root, "text_encoders", "umt5_xxl_fp16.safetensors"))
-    torch.save(_state(t5, torch.bfloat16), os.path.join(root, "text_encoders", "models_t5_umt5-xxl-enc-bf16.pth"))
+    torch.save(t5_state(torch.bfloat16)[0], os.path.join(root, "text_encoders", "models_t5_umt5-xxl-enc-bf16.pth"))
     tok_dir = os.path.join(root, "text_encoders", "google", "umt5-xxl")
     os.makedirs(tok_dir, exist_ok=True)
     with open(os.path.join(tok_dir, "spiece.model"), "wb") as f:
@@ -125,49 +129,62 @@ def write_sharded(sd, folder, shards=2):
         json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
 
 
+def dit_state(name, dtype=torch.float16):
+    """The smoke DiT of DIT_TINY's file `name` (or "s2v": the S2V model) in `dtype`; same weights in every dtype."""
+    if name == "s2v":
+        return _state(randomize_(WanS2V(**dict(S2V_TINY, text_dim=T5_TINY["dim"])), seed=20), dtype)
+    model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **DIT_TINY[name]), seed=10 + list(DIT_TINY).index(name))
+    return _state(model, dtype)
+
+
 def write_dits(root):
     """Every DiT of DIT_TINY, and the LoRAs of LORA_TINY for them (in models/loras)."""
-    for i, (name, cfg) in enumerate(DIT_TINY.items()):
-        model = randomize_(WanDiT(text_dim=T5_TINY["dim"], **cfg), seed=10 + i)
-        save_file(_state(model, torch.float16), os.path.join(root, "diffusion_models", name))
+    for name in DIT_TINY:
+        save_file(dit_state(name), os.path.join(root, "diffusion_models", name))
         for j, (lora, (target, fmt, dtype)) in enumerate(LORA_TINY.items()):
             if target == name:
-                write_smoke_lora(os.path.join(root, "loras", lora), _state(model, torch.float32), fmt, seed=30 + j,
+                write_smoke_lora(os.path.join(root, "loras", lora), dit_state(name, torch.float32), fmt, seed=30 + j,
                                  dtype=dtype)
         if name == "wan2.1_t2v_14B_fp16.safetensors":  # also as the official sharded bf16 release
-            write_sharded(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "Wan2.1-T2V-14B"))
+            write_sharded(dit_state(name, torch.bfloat16), os.path.join(root, "diffusion_models", "Wan2.1-T2V-14B"))
+
+
+def vae_state(family="2.1", dtype=torch.bfloat16):
+    """The smoke Wan 2.1 or 2.2 VAE in `dtype` (same weights in every dtype)."""
+    torch.manual_seed(1 if family == "2.1" else 2)
+    return _state(WanVAE21(**VAE_TINY) if family == "2.1" else WanVAE22(**VAE22_TINY), dtype)
 
 
 def write_vaes(root):
-    torch.manual_seed(1)
-    vae = WanVAE21(**VAE_TINY)
-    save_file(_state(vae, torch.bfloat16), os.path.join(root, "vae", "wan_2.1_vae.safetensors"))
-    torch.save(_state(vae, torch.float32), os.path.join(root, "vae", "Wan2.1_VAE.pth"))
-    torch.manual_seed(2)
-    save_file(_state(WanVAE22(**VAE22_TINY), torch.bfloat16), os.path.join(root, "vae", "wan2.2_vae.safetensors"))
+    save_file(vae_state("2.1"), os.path.join(root, "vae", "wan_2.1_vae.safetensors"))
+    torch.save(vae_state("2.1", torch.float32), os.path.join(root, "vae", "Wan2.1_VAE.pth"))
+    save_file(vae_state("2.2"), os.path.join(root, "vae", "wan2.2_vae.safetensors"))
 
 
 def write_s2v(root):
     """The S2V DiT (ComfyUI's file name) and ComfyUI's wav2vec2 audio encoder file."""
-    model = randomize_(WanS2V(**dict(S2V_TINY, text_dim=T5_TINY["dim"])), seed=20)
-    save_file(_state(model, torch.bfloat16), os.path.join(root, "diffusion_models", "wan2.2_s2v_14B_bf16.safetensors"))
+    save_file(dit_state("s2v", torch.bfloat16), os.path.join(root, "diffusion_models", "wan2.2_s2v_14B_bf16.safetensors"))
     save_file(wav2vec2_smoke(seed=21), os.path.join(root, "audio_encoders", "wav2vec2_large_english_fp16.safetensors"))
 
 
 def write_clip(root):
-    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1. The class
-    embedding (created uninitialised) is drawn like CLIP's own init, N(0, dim^-0.5)."""
+    """ComfyUI's clip_vision_h layout (HF CLIPVisionModel keys); default init keeps the LayerNorms at 1."""
+    save_file({"vision_model." + k: v for k, v in clip_state().items()},
+              os.path.join(root, "clip_vision", "clip_vision_h.safetensors"))
+
+
+def clip_state(dtype=torch.float16):
+    """The smoke CLIP vision model (internal = HF keys without `vision_model.`) in `dtype`."""
     torch.manual_seed(3)
     model = WanCLIPVision(**CLIP_TINY)
-    with torch.no_grad():
+    with torch.no_grad():  # the class token is allocated uninitialised (torch.empty): drawn like CLIP's own init
         model.embeddings.class_embedding.normal_(0, CLIP_TINY["dim"] ** -0.5)
-    sd = _state(model, torch.float16)
-    save_file({"vision_model." + k: v for k, v in sd.items()}, os.path.join(root, "clip_vision", "clip_vision_h.safetensors"))
+    return _state(model, dtype)
 
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v5")
+    stamp = os.path.join(root, ".smoke-v6")
     if os.path.exists(stamp) and not force:
         return root
     for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders", "loras"):

@@ -143,19 +143,26 @@ class UMT5Encoder(torch.nn.Module):
     def from_state_dict(cls, sd, ops=None):
         """Build from an official or HF/ComfyUI-layout state dict; the config comes from shapes.
 
-        Weights are assigned without copies in their stored dtype when `ops` is given (ComfyUI casts
-        at use); with plain torch.nn (ops=None) they are made float32 (fp8 `scale_weight` applied)."""
+        Weights are assigned without copies in their stored dtype when `ops` is given (ComfyUI casts at use);
+        with plain torch.nn (ops=None) they are made float32. A scaled-fp8 file's per-layer scales need layers
+        that hold them (ComfyUI's scaled-fp8 ops) or folding first: wan_core.checkpoint.load_text_encoder does
+        either; scales this model cannot take are refused, never dropped."""
         sd = to_official(sd)
         config = infer_config(sd)
         if ops is None:
-            sd = _dequantize(sd)
+            sd = {k: v.float() for k, v in sd.items()}
         with torch.device("meta"):
             model = cls(**config, ops=ops)
         check_weights(model, sd, "umT5 text encoder weights")
-        missing, _ = model.load_state_dict(sd, strict=False, assign=True)
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
         missing = [k for k in missing if k.endswith(".weight")]
         if missing:
             raise ValueError(f"not a umT5 encoder state dict: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unexpected:
+            scaled = any(k.endswith(_SCALE_KEYS) or k == "scaled_fp8" for k in unexpected)
+            raise ValueError(f"umT5 weights this encoder cannot use: {unexpected[:3]}"
+                             + (" (scaled fp8: load the file with wan_core.checkpoint.load_text_encoder, which keeps "
+                                "the scales for ComfyUI's scaled-fp8 ops or folds them)" if scaled else ""))
         return model.eval().requires_grad_(False)
 
 
@@ -176,7 +183,8 @@ _HF_BLOCK = {
 _HF_TOP = {"shared": "token_embedding", "encoder.embed_tokens": "token_embedding", "encoder.final_layer_norm": "norm"}
 _HF_BLOCK_KEY = re.compile(r"^encoder\.block\.(\d+)\.(.+)\.([^.]+)$")
 _SKIP = ("decoder.", "lm_head.")
-_NON_WEIGHTS = ("spiece_model", "scaled_fp8")
+_NON_WEIGHTS = ("spiece_model",)  # the tokenizer ComfyUI embeds in its umt5_xxl files
+_SCALE_KEYS = (".scale_weight", ".scale_input")
 
 
 def _hf_key(key):
@@ -191,8 +199,9 @@ def _hf_key(key):
 def hf_to_official(sd):
     """HF / ComfyUI (`umt5_xxl_*.safetensors`) keys -> official keys. Tensors are not copied.
 
-    Per-layer extras (`.scale_weight`, `.scale_input` of scaled fp8 files) follow their layer;
-    decoder / lm_head weights and `spiece_model` / `scaled_fp8` markers are dropped."""
+    Per-layer extras (`.scale_weight`, `.scale_input` of scaled fp8 files) follow their layer, the `scaled_fp8`
+    marker is kept (wan_core.checkpoint.load_text_encoder reads it); decoder / lm_head weights and the
+    `spiece_model` tokenizer are dropped."""
     out = {}
     for key, value in sd.items():
         if key in _NON_WEIGHTS or key.startswith(_SKIP):
@@ -237,19 +246,6 @@ def infer_config(sd):
     layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.norm1\.weight$", k))}
     return dict(vocab=vocab, dim=dim, dim_ffn=sd["blocks.0.ffn.fc1.weight"].shape[0], num_heads=num_heads,
                 num_layers=max(layers) + 1, num_buckets=num_buckets)
-
-
-def _dequantize(sd):
-    """float32 weights for plain torch.nn; a layer's fp8 `scale_weight` multiplies its weight."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith((".scale_weight", ".scale_input")):
-            continue
-        if key.endswith(".weight") and value.is_floating_point():
-            scale = sd.get(key[: -len("weight")] + "scale_weight")
-            value = value.float() * scale.float() if scale is not None else value.float()
-        out[key] = value
-    return out
 
 
 @torch.no_grad()
