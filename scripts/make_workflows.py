@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from example_inputs import NAMES as EXAMPLE_IMAGES, draw, pose_frame  # noqa: E402
-from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT  # noqa: E402
+from wan_core.tokenizer import (FLF2V_NEGATIVE_PROMPT, I2V_NEGATIVE_PROMPT, OFFICIAL_NEGATIVE_PROMPT,  # noqa: E402
+                                S2V_NEGATIVE_PROMPT)
 
 # (inputs, outputs) of each node type used, as (name, type) in slot order
 SLOTS = {
@@ -100,9 +101,10 @@ def note(title, files, defaults):
     return f"**{title}**\n\nPut the model files here (ComfyUI's repackaged names; the official files work too):\n{lines}\n\n{defaults}"
 
 
-def text_side(g, prompt):
+def text_side(g, prompt, negative=OFFICIAL_NEGATIVE_PROMPT):
+    """umT5 loader + Wan Text Encode with the model's official default negative prompt."""
     te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
-    return g.add("WanLeanTextEncode", [prompt, OFFICIAL_NEGATIVE_PROMPT], text_encoder=(te, "text_encoder"))
+    return g.add("WanLeanTextEncode", [prompt, negative], text_encoder=(te, "text_encoder"))
 
 
 def sampler(g, ntype, head, size, tail=(0.0, 0), **links):
@@ -162,7 +164,8 @@ def i2v_21(model_file, width, height, steps, shift, title, flf=False):
     g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21, "clip_vision/clip_vision_h.safetensors"],
                     f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
     model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
-    enc, vae = text_side(g, I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    enc = text_side(g, I2V_PROMPT, FLF2V_NEGATIVE_PROMPT if flf else I2V_NEGATIVE_PROMPT)
+    vae = g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
@@ -209,7 +212,7 @@ def s2v(title, pose=False, max_clips=1):
                     "Official defaults: 40 UniPC steps per 80-frame clip, shift 3, guidance 4.5, 16 fps. Each clip continues "
                     "from the last 73 frames of the one before; max_clips 0 renders as many clips as the audio needs.")
     model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
-    enc, vae = text_side(g, S2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    enc, vae = text_side(g, S2V_PROMPT, S2V_NEGATIVE_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     audio_enc = g.add("WanLeanAudioEncoderLoader", ["wav2vec2_large_english_fp16.safetensors"])
     image = g.add("LoadImage", ["wan_example_start.png", "image"], title="Reference image")
     audio = g.add("WanLeanLoadAudio", ["wan_example_speech.wav"], title="Speech")

@@ -67,3 +67,24 @@ def test_workflow_writes_mp4(server, workflow):
     info = probe(videos[0])
     assert (info["frames"], info["width"], info["height"]) == (length, width, height)
     assert info["fps"] == (24 if "ti2v" in workflow else 16)
+
+
+def test_negative_prompts_are_each_models_official_default():
+    """Wan Text Encode in each workflow carries its model's official default negative prompt: the Wan 2.2 configs
+    (shared, S2V) read from the official code; Wan 2.1 I2V-14B prefixes 镜头晃动 (camera shake) to the shared one,
+    FLF2V-14B prefixes 镜头切换 (shot change) to I2V's (Wan 2.1 wan/configs/wan_i2v_14B.py and __init__.py)."""
+    import json
+    from official import official
+    from wan_core import tokenizer
+    shared = official("configs.shared_config").wan_shared_cfg.sample_neg_prompt
+    s2v = official("configs.wan_s2v_14B").s2v_14B.sample_neg_prompt
+    assert tokenizer.OFFICIAL_NEGATIVE_PROMPT == shared and tokenizer.S2V_NEGATIVE_PROMPT == s2v
+    assert tokenizer.I2V_NEGATIVE_PROMPT == "镜头晃动，" + shared
+    assert tokenizer.FLF2V_NEGATIVE_PROMPT == "镜头切换，镜头晃动，" + shared
+    want = {"wan21_i2v": tokenizer.I2V_NEGATIVE_PROMPT, "wan21_flf2v": tokenizer.FLF2V_NEGATIVE_PROMPT, "wan22_s2v": s2v}
+    for name in WORKFLOWS:
+        with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
+            nodes = [n for n in json.load(f)["nodes"] if n["type"] == "WanLeanTextEncode"]
+        assert len(nodes) == 1, name
+        expected = next((v for k, v in want.items() if name.startswith(k)), shared)
+        assert nodes[0]["widgets_values"][1] == expected, name
