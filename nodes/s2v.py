@@ -11,17 +11,18 @@ import folder_paths
 from ..wan_core.audio import (audio_buckets, clips_for, from_comfy_audio, load_audio, prepare, to_comfy_audio,
                               trim_to_video, video_frames)
 from ..wan_core.checkpoint import read_file
-from ..wan_core.conditioning import fit, to_pixels
+from ..wan_core.conditioning import SIZINGS, official_s2v_size, to_pixels
 from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
-from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
+from ..wan_core.s2v_pipeline import CLIP_FRAMES, S2VJob, fit_frames, generate_s2v, output_frames, pose_latents
 from ..wan_core.sampling import SAMPLERS
 from ..wan_core.wav2vec2 import Wav2Vec2
 from .common import CATEGORY, Handle, casting_ops, step_callback
 from .decode import decode_memory, encode_memory
-from .sampler import activation_memory, to_cond
+from .sampler import SEED_MODE, activation_memory, to_cond
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3", ".m4a")
+VIDEO_LENGTHS = ("audio", "whole clips")
 
 
 class WanLeanAudioEncoderLoader:
@@ -78,7 +79,7 @@ class VAEOnDevice:
 
 
 def audio_features(encoder, audio, clips_wanted):
-    """AUDIO -> (bucketed features [1, 25, C, clips*80], clips, the waveform trimmed to the video)."""
+    """AUDIO -> (bucketed features [1, 25, C, clips*80], clips, waveform [C, N], sample rate)."""
     wave, rate = from_comfy_audio(audio)
     speech = prepare(wave, rate)
     frames = video_frames(speech.shape[-1])
@@ -87,13 +88,14 @@ def audio_features(encoder, audio, clips_wanted):
     with torch.no_grad():
         hidden = model(speech[None].to(encoder.device)).float().cpu()
     feats = audio_buckets(hidden, clips * CLIP_FRAMES)
-    return feats, clips, trim_to_video(wave, rate, clips * CLIP_FRAMES - DROP_FIRST)
+    return feats, clips, wave, rate
 
 
 class WanLeanSpeechToVideo:
     DESCRIPTION = ("Wan2.2-S2V: one image + a speech or song track -> a talking/singing video, rendered in clips of 80 "
                    "frames that continue from the last 73 frames of the previous clip; the clip count follows the audio "
-                   "(or max_clips). Returns the frames (16 fps) and the audio trimmed to them.")
+                   "(or max_clips). Returns the frames (16 fps, cut where the audio ends, as the official mp4) and the "
+                   "audio trimmed to them.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "AUDIO")
     RETURN_NAMES = ("frames", "audio")
@@ -121,29 +123,42 @@ class WanLeanSpeechToVideo:
                                   "tooltip": "0: as many 80-frame clips as the audio needs; else at most this many."}),
         }, "optional": {
             "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator)."}),
+            "video_length": (list(VIDEO_LENGTHS), {"default": "audio", "tooltip": (
+                "audio: the video ends with the audio, as the official mp4 (floor(seconds x 16) frames). whole clips: "
+                "every generated frame (clips x 80 - 3); the tail past the speech moves without sound.")}),
+            "seed_mode": SEED_MODE["seed_mode"],
+            "sizing": (list(SIZINGS), {"default": "crop", "tooltip": (
+                "crop: scale the reference image to cover width x height and centre-crop (bicubic). official: as the "
+                "official S2V: the size (multiples of 64) follows the image at about width x height pixels; short side "
+                "resized (antialiased), centre-cropped, black bars where the image falls short.")}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def generate(self, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
-                 shift, sampler, max_clips, pose_video=None, node_id=None):
+                 shift, sampler, max_clips, pose_video=None, video_length="audio", seed_mode="comfy", sizing="crop",
+                 node_id=None):
         if not isinstance(model.patcher.model, WanS2V):
             raise ValueError(f"model is {model.patcher.model.variant_name}, not the S2V model: load wan2.2_s2v_14B")
         check_video_size(width, height, 1, 16)
-        feats, clips, track = audio_features(audio_encoder, audio, max_clips)
+        pixels = to_pixels(ref_image, "ref_image")
+        if sizing == "official":
+            height, width = official_s2v_size(*pixels.shape[-2:], width * height)
+        feats, clips, wave, rate = audio_features(audio_encoder, audio, max_clips)
         coder = VAEOnDevice(vae)
         with torch.no_grad():
-            ref = coder.encode(fit(to_pixels(ref_image, "ref_image"), width, height)[:, :, None])
+            ref = coder.encode(fit_frames(pixels, width, height, sizing)[:, :, None])
             pose = None
             if pose_video is not None:
                 frames = pose_video[..., :3].permute(3, 0, 1, 2)[None].float() * 2 - 1
-                pose = pose_latents(coder, frames, width, height, clips)
+                pose = pose_latents(coder, frames, width, height, clips, sizing)
         job = S2VJob(to_cond(positive, "positive").context, to_cond(negative, "negative").context, feats, ref, pose)
         shape = (1, 16, 20 + 19 + 1, height // 8, width // 8)
         get = lambda: model.load(activation_memory(model.patcher.model, shape, model.dtype))  # noqa: E731
         video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                              width=width, height=height, device=model.device, dtype=model.dtype,
-                             callback=self._progress(steps, clips, node_id, model))
-        frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-        return (frames.to(mm.intermediate_device()), to_comfy_audio(track, audio["sample_rate"]))
+                             callback=self._progress(steps, clips, node_id, model), noise_mode=seed_mode)
+        kept = output_frames(clips, wave.shape[-1], rate, whole_clips=video_length == "whole clips")
+        frames = ((video[0, :, :kept].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+        return (frames.to(mm.intermediate_device()), to_comfy_audio(trim_to_video(wave, rate, kept), rate))
 
     @staticmethod
     def _progress(steps, clips, node_id, model):

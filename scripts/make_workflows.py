@@ -34,7 +34,7 @@ SLOTS = {
     "WanLeanImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "WANLEAN_VAE"),
                              ("start_image", "IMAGE"), ("end_image", "IMAGE"), ("clip_vision_start", "CLIP_VISION_OUTPUT"),
                              ("clip_vision_end", "CLIP_VISION_OUTPUT")],
-                            [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+                            [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("width", "INT"), ("height", "INT")]),
     "WanLeanSampler": ([("model", "WANLEAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                        [("latent", "LATENT")]),
     "WanLeanSamplerA14B": ([("high_noise_model", "WANLEAN_MODEL"), ("low_noise_model", "WANLEAN_MODEL"),
@@ -107,7 +107,7 @@ def text_side(g, prompt, negative=OFFICIAL_NEGATIVE_PROMPT):
     return g.add("WanLeanTextEncode", [prompt, negative], text_encoder=(te, "text_encoder"))
 
 
-def sampler(g, ntype, head, size, tail=(0.0, 0), **links):
+def sampler(g, ntype, head, size, tail=(0.0, 0, "comfy"), **links):
     """A sampler node with the widgets head + (width, height, length) + tail; the size also goes on the thumbnail."""
     g.card["size"] = size
     return g.add(ntype, [*head, *size, *tail], **links)
@@ -157,7 +157,7 @@ def image_cond(g, enc, vae, imgs, size):
         links["clip_vision_start"] = (cs, "clip_vision_output")
     if end:
         links.update(end_image=(end[0][0], "IMAGE"), clip_vision_end=(end[0][1], "clip_vision_output"))
-    return g.add("WanLeanImageToVideo", list(size), **links)
+    return g.add("WanLeanImageToVideo", [*size, "crop"], **links)
 
 
 def i2v_21(model_file, width, height, steps, shift, title, flf=False):
@@ -183,7 +183,7 @@ def a14b(kind, cfgs, shift, boundary, title):
     enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     if kind == "i2v":
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
-    s = sampler(g, "WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc"], (1280, 720, 81), (boundary, 0.0, 0),
+    s = sampler(g, "WanLeanSamplerA14B", [0, "fixed", 40, *cfgs, shift, "unipc"], (1280, 720, 81), (boundary, 0.0, 0, "comfy"),
                 high_noise_model=(high, "model"), low_noise_model=(low, "model"),
                 positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
@@ -221,7 +221,7 @@ def s2v(title, pose=False, max_clips=1):
         video = g.add("LoadVideo", ["wan_example_pose.mp4", "video"], title="Pose video (16 fps)")
         parts = g.add("GetVideoComponents", [], video=(video, "VIDEO"))
         extra["pose_video"] = (parts, "images")
-    s = g.add("WanLeanSpeechToVideo", [832, 480, 0, "fixed", 40, 4.5, 3.0, "unipc", max_clips],
+    s = g.add("WanLeanSpeechToVideo", [832, 480, 0, "fixed", 40, 4.5, 3.0, "unipc", max_clips, "audio", "comfy", "crop"],
               model=(model, "model"), vae=(vae, "vae"), audio_encoder=(audio_enc, "audio_encoder"),
               positive=(enc, "positive"), negative=(enc, "negative"), ref_image=(image, "IMAGE"), audio=(audio, "audio"),
               **extra)

@@ -26,17 +26,21 @@ def wan_root():
     return os.path.dirname(spec.origin)
 
 
+PACKAGES = ("", "modules", "modules.s2v", "modules.animate", "utils", "distributed")  # never executed
+
+
 def official(name):
-    """The module wan.<name> of the installed official code (parent packages not executed)."""
+    """The module wan.<name> of the installed official code (its package __init__ files not executed; imported
+    with torch.cuda.current_device answering 0, which some of its default arguments call)."""
     root = wan_root()
-    parts = ["wan", *name.split(".")]
-    for i in range(1, len(parts)):
-        pkg = ".".join(parts[:i])
-        if pkg not in sys.modules:
-            module = types.ModuleType(pkg)
-            module.__path__ = [os.path.join(root, *parts[1:i])]
-            sys.modules[pkg] = module
-    return importlib.import_module(".".join(parts))
+    for pkg in PACKAGES:
+        full = "wan" + ("." + pkg if pkg else "")
+        if full not in sys.modules:
+            module = types.ModuleType(full)
+            module.__path__ = [os.path.join(root, *pkg.split(".")) if pkg else root]
+            sys.modules[full] = module
+    with cpu_patches():
+        return importlib.import_module("wan." + name)
 
 
 def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,

@@ -33,11 +33,13 @@ def test_pack_loads_without_errors(server):
 
 
 def s2v_frames(max_clips):
-    """Frames an S2V workflow must write for the example speech: clips of 80, the first 3 frames dropped."""
+    """Frames an S2V workflow must write for the example speech: clips of 80, the first 3 frames dropped, cut where
+    the audio ends (floor(seconds x 16), as the official mp4)."""
     from wan_core.audio import clips_for, load_audio, prepare, video_frames
     wave, rate = load_audio(os.path.join(SMOKE_INPUT, "wan_example_speech.wav"))
     clips = clips_for(video_frames(prepare(wave, rate).shape[-1]))
-    return 80 * (min(clips, max_clips) if max_clips else clips) - 3
+    clips = min(clips, max_clips) if max_clips else clips
+    return min(80 * clips - 3, wave.shape[-1] * 16 // rate)
 
 
 # the long one renders every clip the speech needs (2 here, ~3 min on 2 cores): opt-in

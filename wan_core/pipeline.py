@@ -36,9 +36,23 @@ def latent_shape(width, height, length, channels=16, batch=1):
     return (batch, channels, (length - 1) // TIME_STRIDE + 1, height // s, width // s)
 
 
-def initial_noise(shape, seed):
-    """Seeded Gaussian noise from a CPU generator (the same on every device)."""
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+NOISE_MODES = ("comfy", "official")
+
+
+def initial_noise(shape, seed, mode="comfy", device="cpu", dtype=torch.float32):
+    """Seeded Gaussian noise [shape] float32 on `device`.
+
+    comfy: drawn by a CPU generator in float32 (ComfyUI's convention: the same numbers on every device).
+    official: drawn as the official generate() draws it: torch.Generator(device) seeded with `seed`, torch.randn
+    on that device in `dtype` (float32 for T2V / I2V / FLF2V / TI2V / A14B; S2V: bfloat16, seeded seed + clip per
+    clip), the same element count in the same order (the official tensor lacks the batch axis); then float32."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"seed_mode must be one of {', '.join(NOISE_MODES)}, got {mode!r}")
+    if mode == "comfy":
+        g = torch.Generator("cpu").manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype, device=device).float()
 
 
 def pad_context(ctx, length=512):
@@ -126,10 +140,11 @@ def make_denoiser(experts, cond, uncond, dtype):
 
 
 def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, height, length, channels=16,
-             device="cpu", dtype=torch.float32, callback=None):
-    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride)."""
+             device="cpu", dtype=torch.float32, callback=None, noise_mode="comfy"):
+    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride);
+    noise_mode: see initial_noise."""
     check_video_size(width, height, length, 2 * spatial_stride(channels))
-    x = initial_noise(latent_shape(width, height, length, channels), seed).to(device)
+    x = initial_noise(latent_shape(width, height, length, channels), seed, noise_mode, device)
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
         x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback)
