@@ -89,3 +89,24 @@ def test_official_s2v_size_matches_get_size_less_than_area(area):
     s2v = official("speech2video").WanS2V
     for h, w in [(480, 832), (720, 1280), (1024, 1024), (37, 53), (1080, 1920), (500, 333), (96, 4000), (2000, 90)]:
         assert official_s2v_size(h, w, area) == tuple(s2v.get_size_less_than_area(None, h, w, target_area=area)), (h, w)
+
+
+@pytest.mark.parametrize("size, area", [((53, 37), 64 * 64), ((200, 120), 128 * 64), ((90, 300), 128 * 128)])
+def test_official_s2v_pixels_match_the_official_pil_path(size, area):
+    """The official S2V reference image: torchvision Resize(min side) + CenterCrop on the PIL image, ToTensor, * 2 - 1.
+    The pack resizes the tensor (bilinear, antialias) and rounds to 8-bit levels: within 2 levels of PIL's, mean
+    difference under a quarter level (PIL's fixed-point filter rounds differently)."""
+    from PIL import Image
+    from torchvision import transforms
+    from wan_core.conditioning import official_s2v_pixels
+    w, h = size
+    g = torch.Generator().manual_seed(w)
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=(h, w), mode="bicubic")
+    pixels = (smooth.clamp(0, 1)[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+    th, tw = official_s2v_size(h, w, area)
+    ref = transforms.ToTensor()(transforms.CenterCrop((th, tw))(transforms.Resize(min(th, tw))(
+        Image.fromarray(pixels.numpy())))) * 2 - 1
+    mine = official_s2v_pixels(pixels.permute(2, 0, 1)[None].float() / 255 * 2 - 1, th, tw)[0]
+    assert mine.shape == ref.shape == (3, th, tw)
+    diff = (mine - ref).abs() * 127.5  # in 8-bit levels
+    assert diff.max() <= 2 and diff.mean() < 0.25, (diff.max().item(), diff.mean().item())
