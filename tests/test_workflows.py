@@ -90,3 +90,20 @@ def test_negative_prompts_are_each_models_official_default():
         assert len(nodes) == 1, name
         expected = next((v for k, v in want.items() if name.startswith(k)), shared)
         assert nodes[0]["widgets_values"][1] == expected, name
+
+
+def test_s2v_official_options_through_the_server(server):
+    """The S2V workflow with video_length whole clips, seed_mode official and sizing official: every generated frame
+    (77), at the size the official S2V picks for the example image at about 64 x 64 pixels."""
+    from PIL import Image
+    from wan_core.conditioning import official_s2v_size
+    with Image.open(os.path.join(SMOKE_INPUT, "wan_example_start.png")) as img:
+        w, h = img.size
+    height, width = official_s2v_size(h, w, 64 * 64)
+    files = run_workflow(server, "wan22_s2v.json", {"WanLeanSpeechToVideo.video_length": "whole clips",
+                                                     "WanLeanSpeechToVideo.seed_mode": "official",
+                                                     "WanLeanSpeechToVideo.sizing": "official"},
+                         sizes={"width": 64, "height": 64, "steps": 2})
+    info = probe(next(f for f in files if f.endswith(".mp4")))
+    assert (info["frames"], info["width"], info["height"]) == (77, width, height)
+    assert abs(info["audio_duration"] - info["duration"]) <= 1 / 16, info
