@@ -9,7 +9,7 @@ import node_helpers
 from ..wan_core.checkpoint import read_file
 from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
 from ..wan_core.clip import WanCLIPVision
-from ..wan_core.conditioning import clip_tokens, image_latents, to_pixels
+from ..wan_core.conditioning import SIZINGS, clip_tokens, image_latents, official_i2v_size, to_pixels
 from ..wan_core.pipeline import check_video_size, spatial_stride
 from .common import CATEGORY, Handle, casting_ops, compute_dtype
 from .decode import encode_memory
@@ -72,10 +72,11 @@ def _tokens(output, name):
 class WanLeanImageToVideo:
     DESCRIPTION = ("Adds image conditioning to the prompt: Wan 2.1 I2V (start image + CLIP), FLF2V (start and end images, "
                    "both CLIP encodings), Wan 2.2 I2V-A14B (start image, no CLIP) or TI2V-5B (start image, Wan 2.2 VAE). "
-                   "Use the same width, height and length on the sampler.")
+                   "Use the same width, height and length on the sampler (with sizing: official, wire the width and "
+                   "height outputs to it).")
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
+    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT")
+    RETURN_NAMES = ("positive", "negative", "width", "height")
     FUNCTION = "apply"
 
     @classmethod
@@ -92,10 +93,15 @@ class WanLeanImageToVideo:
             "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame."}),
             "clip_vision_start": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan 2.1 I2V/FLF2V: CLIP encoding of the start image."}),
             "clip_vision_end": ("CLIP_VISION_OUTPUT", {"tooltip": "FLF2V: CLIP encoding of the end image."}),
+            "sizing": (list(SIZINGS), {"default": "crop", "tooltip": (
+                "crop: scale the image to cover width x height and centre-crop (bicubic). official: as the official "
+                "image-to-video code (Wan 2.1 I2V/FLF2V, Wan 2.2 I2V-A14B): the video takes the image's aspect ratio at "
+                "about width x height pixels (sides multiples of 16), the image resized to it without cropping; "
+                "wire the width and height outputs to the sampler.")}),
         }}
 
     def apply(self, positive, negative, vae, start_image, width, height, length, end_image=None,
-              clip_vision_start=None, clip_vision_end=None):
+              clip_vision_start=None, clip_vision_end=None, sizing="crop"):
         check_video_size(width, height, length, 2 * spatial_stride(vae.patcher.model.z_dim))
         if clip_vision_end is not None and clip_vision_start is None:
             raise ValueError("clip_vision_end is connected but clip_vision_start is not: FLF2V needs the CLIP encodings "
@@ -104,10 +110,14 @@ class WanLeanImageToVideo:
             raise ValueError("clip_vision_end is connected but end_image is not: connect the end image too (FLF2V)")
         start = to_pixels(start_image, "start_image")
         end = None if end_image is None else to_pixels(end_image, "end_image")
-        model = vae.load(encode_memory((1, 3, length, height, width), vae.dtype, vae.patcher.model.STRIDE))
+        out_h, out_w = height, width
+        if sizing == "official" and vae.patcher.model.z_dim != 48:
+            out_h, out_w = official_i2v_size(*start.shape[-2:], width * height)  # the size image_latents makes
+        model = vae.load(encode_memory((1, 3, length, out_h, out_w), vae.dtype, vae.patcher.model.STRIDE))
         with torch.no_grad():
             y, first = image_latents(model, start.to(vae.device, vae.dtype),
-                                     None if end is None else end.to(vae.device, vae.dtype), width, height, length)
+                                     None if end is None else end.to(vae.device, vae.dtype), width, height, length,
+                                     sizing)
         check_finite(y if first is None else first, "the start image's VAE latent", VAE_CAUSE)
         extras = {"wanlean_y": y, "wanlean_first_frame": first}
         start_tokens = _tokens(clip_vision_start, "clip_vision_start")
@@ -115,7 +125,7 @@ class WanLeanImageToVideo:
             extras["wanlean_clip"] = clip_tokens(start_tokens, _tokens(clip_vision_end, "clip_vision_end"))
         extras = {k: v.float().cpu() for k, v in extras.items() if v is not None}
         return (node_helpers.conditioning_set_values(positive, extras),
-                node_helpers.conditioning_set_values(negative, extras))
+                node_helpers.conditioning_set_values(negative, extras), out_w, out_h)
 
 
 NODE_CLASS_MAPPINGS = {

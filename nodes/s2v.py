@@ -14,15 +14,16 @@ from ..wan_core.audio import (SAMPLE_RATE, audio_buckets, clips_for, encode_for_
                               prepare, readable_extensions, to_comfy_audio, trim_to_video, video_frames)
 from ..wan_core.checkpoint import read_file
 from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
-from ..wan_core.conditioning import fit, pose_pixels, to_pixels
+from ..wan_core.conditioning import SIZINGS, official_s2v_size, pose_pixels, to_pixels
 from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
-from ..wan_core.s2v_pipeline import CLIP_FRAMES, DROP_FIRST, S2VJob, generate_s2v, pose_latents
+from ..wan_core.s2v_pipeline import CLIP_FRAMES, S2VJob, fit_frames, generate_s2v, output_frames, pose_latents
 from ..wan_core.wav2vec2 import Wav2Vec2
 from .common import CATEGORY, Handle, casting_ops, clips_step_callback
 from .decode import decode_memory, encode_memory
-from .sampler import SAMPLER, activation_memory, passes, to_cond
+from .sampler import SAMPLER, SEED_MODE, activation_memory, passes, to_cond
 
+VIDEO_LENGTHS = ("audio", "whole clips")
 
 
 class WanLeanAudioEncoderLoader:
@@ -96,7 +97,7 @@ class VAEOnDevice:
 
 
 def audio_features(encoder, audio, clips_wanted):
-    """AUDIO -> (bucketed features [1, 25, C, clips*80], clips, the waveform trimmed to the video)."""
+    """AUDIO -> (bucketed features [1, 25, C, clips*80], clips, waveform [C, N], sample rate)."""
     wave, rate = from_comfy_audio(audio)
     speech = prepare(wave, rate)
     frames = video_frames(speech.shape[-1])
@@ -108,13 +109,14 @@ def audio_features(encoder, audio, clips_wanted):
     logging.info("Wan Lean S2V: wav2vec2 encoded %d of %d samples (%.1f of %.1f s) for %d clip(s)",
                  encoded, speech.shape[-1], encoded / SAMPLE_RATE, speech.shape[-1] / SAMPLE_RATE, clips)
     feats = audio_buckets(hidden, clips * CLIP_FRAMES)
-    return feats, clips, trim_to_video(wave, rate, clips * CLIP_FRAMES - DROP_FIRST)
+    return feats, clips, wave, rate
 
 
 class WanLeanSpeechToVideo:
     DESCRIPTION = ("Wan2.2-S2V: one image + a speech or song track -> a talking/singing video, rendered in clips of 80 "
                    "frames that continue from the last 73 frames of the previous clip; the clip count follows the audio "
-                   "(or max_clips). Returns the frames (16 fps) and the audio trimmed to them.")
+                   "(or max_clips). Returns the frames (16 fps, cut where the audio ends, as the official mp4) and the "
+                   "audio trimmed to them.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "AUDIO")
     RETURN_NAMES = ("frames", "audio")
@@ -143,31 +145,43 @@ class WanLeanSpeechToVideo:
         }, "optional": {
             "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator): RGB, "
                                                   "RGBA (alpha dropped) or grey (1 channel, used as grey RGB)."}),
+            "video_length": (list(VIDEO_LENGTHS), {"default": "audio", "tooltip": (
+                "audio: the video ends with the audio, as the official mp4 (floor(seconds x 16) frames). whole clips: "
+                "every generated frame (clips x 80 - 3); the tail past the speech moves without sound.")}),
+            "seed_mode": SEED_MODE["seed_mode"],
+            "sizing": (list(SIZINGS), {"default": "crop", "tooltip": (
+                "crop: scale the reference image to cover width x height and centre-crop (bicubic). official: as the "
+                "official S2V: the size (multiples of 64) follows the image at about width x height pixels; short side "
+                "resized (antialiased), centre-cropped, black bars where the image falls short.")}),
         }, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def generate(self, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
-                 shift, sampler, max_clips, pose_video=None, node_id=None):
+                 shift, sampler, max_clips, pose_video=None, video_length="audio", seed_mode="comfy", sizing="crop",
+                 node_id=None):
         net = model.patcher.model
         if not isinstance(net, WanS2V):
             raise ValueError(f"model is {net.variant_name}, not the S2V model: load wan2.2_s2v_14B")
         check_video_size(width, height, 1, 16)
         context, neg_context = to_cond(positive, "positive", net).context, to_cond(negative, "negative", net).context
-        ref_pixels = to_pixels(ref_image, "ref_image")
+        pixels = to_pixels(ref_image, "ref_image")
         pose_frames = None if pose_video is None else pose_pixels(pose_video)
-        feats, clips, track = audio_features(audio_encoder, audio, max_clips)
+        if sizing == "official":
+            height, width = official_s2v_size(*pixels.shape[-2:], width * height)
+        feats, clips, wave, rate = audio_features(audio_encoder, audio, max_clips)
         coder = VAEOnDevice(vae)
         with torch.no_grad():
-            ref = coder.encode(fit(ref_pixels, width, height)[:, :, None])
-            pose = None if pose_frames is None else pose_latents(coder, pose_frames, width, height, clips)
+            ref = coder.encode(fit_frames(pixels, width, height, sizing)[:, :, None])
+            pose = None if pose_frames is None else pose_latents(coder, pose_frames, width, height, clips, sizing)
         job = S2VJob(context, neg_context, feats, ref, pose)
         shape = (1, 16, 20 + 19 + 1, height // 8, width // 8)
         act = activation_memory(model.patcher.model, shape, model.dtype, passes(cfg))
         get = lambda: model.load(act)  # noqa: E731
         video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                              width=width, height=height, device=model.device, dtype=model.dtype,
-                             callback=self._progress(steps, clips, node_id, model))
-        frames = ((video[0].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-        return (frames.to(mm.intermediate_device()), to_comfy_audio(track, audio["sample_rate"]))
+                             callback=self._progress(steps, clips, node_id, model), noise_mode=seed_mode)
+        kept = output_frames(clips, wave.shape[-1], rate, whole_clips=video_length == "whole clips")
+        frames = ((video[0, :, :kept].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+        return (frames.to(mm.intermediate_device()), to_comfy_audio(trim_to_video(wave, rate, kept), rate))
 
     @staticmethod
     def _progress(steps, clips, node_id, model):

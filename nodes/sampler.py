@@ -8,7 +8,8 @@ import comfy.model_management as mm
 
 from ..wan_core import cache
 from ..wan_core.checks import check_finite
-from ..wan_core.pipeline import Cond, Expert, check_video_size, generate, guided, latent_shape, spatial_stride
+from ..wan_core.pipeline import (NOISE_MODES, Cond, Expert, check_video_size, generate, guided, latent_shape,
+                                 spatial_stride)
 from ..wan_core.sampling import SAMPLERS
 from .common import ACTIVATION_MARGIN, CATEGORY, step_callback
 
@@ -79,7 +80,8 @@ def check_fit(handle, cond, shape):
     frames_differ = cond.y is not None and cond.y.shape[2] != shape[2]
     if image is not None and (tuple(image.shape[-2:]) != tuple(shape[-2:]) or frames_differ):
         raise ValueError(f"the image conditioning was made for another size or length (latent {tuple(image.shape[2:])}, "
-                         f"the sampler's is {tuple(shape[2:])}): set the same width, height and length on both nodes")
+                         f"the sampler's is {tuple(shape[2:])}): set the same width, height and length on both nodes "
+                         "(with sizing: official, connect Wan Image To Video's width and height outputs to the sampler)")
 
 
 def check_experts(handles):
@@ -140,8 +142,15 @@ def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
             for h, cfg, min_t in models_cfgs]
 
 
+SEED_MODE = {"seed_mode": (list(NOISE_MODES), {
+    "default": "comfy", "tooltip": "comfy: noise from a CPU generator (ComfyUI's convention, the same on every device). "
+                                   "official: drawn as the official Wan code draws it (a generator on the model's "
+                                   "device, float32; S2V: bfloat16 per clip): with the official sizes, settings and "
+                                   "prompts, the seed gives the official release's noise."})}
+
+
 def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
-        cache_threshold=0.0, cache_interval=0):
+        cache_threshold=0.0, cache_interval=0, seed_mode="comfy"):
     """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached;
     with caching on, each expert gets its own step cache and the skipped calls are logged."""
     first = models_cfgs[0][0]
@@ -156,7 +165,7 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
     experts = make_experts(models_cfgs, shape, cache_threshold, cache_interval)
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,
                       height=height, length=length, channels=channels, device=first.device, dtype=first.dtype,
-                      callback=step_callback(steps, node_id, channels, first.device))
+                      callback=step_callback(steps, node_id, channels, first.device), noise_mode=seed_mode)
     for i, expert in enumerate(e for e in experts if e.cache is not None):
         logging.info("Wan Lean step cache (model %d): %s", i, expert.cache.report())
     return ({"samples": latent.cpu()},)
@@ -187,12 +196,12 @@ class WanLeanSampler(_Sampler):
             "model": ("WANLEAN_MODEL", {"tooltip": "From Wan Load Diffusion Model."}),
             **cls.CONDS,
             **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
-        }, "optional": cls.CACHE, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {**cls.CACHE, **SEED_MODE}, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-               cache_threshold=0.0, cache_interval=0, node_id=None):
+               cache_threshold=0.0, cache_interval=0, seed_mode="comfy", node_id=None):
         return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
-                   cache_threshold, cache_interval)
+                   cache_threshold, cache_interval, seed_mode)
 
 
 class WanLeanSamplerA14B(_Sampler):
@@ -212,13 +221,14 @@ class WanLeanSamplerA14B(_Sampler):
             "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
                                    "tooltip": "Switch to the low-noise expert below timestep boundary*1000 "
                                               "(official: 0.875 T2V, 0.900 I2V)."}),
-        }, "optional": cls.CACHE, "hidden": {"node_id": "UNIQUE_ID"}}
+        }, "optional": {**cls.CACHE, **SEED_MODE}, "hidden": {"node_id": "UNIQUE_ID"}}
 
     def sample(self, high_noise_model, low_noise_model, positive, negative, seed, steps, cfg_high_noise, cfg_low_noise,
-               shift, sampler, width, height, length, boundary, cache_threshold=0.0, cache_interval=0, node_id=None):
+               shift, sampler, width, height, length, boundary, cache_threshold=0.0, cache_interval=0, seed_mode="comfy",
+               node_id=None):
         experts = [(high_noise_model, cfg_high_noise, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]
         return run(experts, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
-                   cache_threshold, cache_interval)
+                   cache_threshold, cache_interval, seed_mode)
 
 
 NODE_CLASS_MAPPINGS = {"WanLeanSampler": WanLeanSampler, "WanLeanSamplerA14B": WanLeanSamplerA14B}

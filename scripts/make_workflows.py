@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 from example_inputs import NAMES as EXAMPLE_IMAGES, draw, pose_frame  # noqa: E402
-from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT  # noqa: E402
+from wan_core.tokenizer import (FLF2V_NEGATIVE_PROMPT, I2V_NEGATIVE_PROMPT, OFFICIAL_NEGATIVE_PROMPT,  # noqa: E402
+                                S2V_NEGATIVE_PROMPT)
 
 # (inputs, outputs) of each node type used, as (name, type) in slot order
 SLOTS = {
@@ -33,7 +34,7 @@ SLOTS = {
     "WanLeanImageToVideo": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "WANLEAN_VAE"),
                              ("start_image", "IMAGE"), ("end_image", "IMAGE"), ("clip_vision_start", "CLIP_VISION_OUTPUT"),
                              ("clip_vision_end", "CLIP_VISION_OUTPUT")],
-                            [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+                            [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("width", "INT"), ("height", "INT")]),
     "WanLeanSampler": ([("model", "WANLEAN_MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                        [("latent", "LATENT")]),
     "WanLeanSamplerA14B": ([("high_noise_model", "WANLEAN_MODEL"), ("low_noise_model", "WANLEAN_MODEL"),
@@ -106,12 +107,13 @@ def note(title, files, defaults):
     return f"**{title}**\n\nPut the model files here (ComfyUI's repackaged names; the official files work too):\n{lines}\n\n{defaults}"
 
 
-def text_side(g, prompt):
+def text_side(g, prompt, negative=OFFICIAL_NEGATIVE_PROMPT):
+    """umT5 loader + Wan Text Encode with the model's official default negative prompt."""
     te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
-    return g.add("WanLeanTextEncode", [prompt, OFFICIAL_NEGATIVE_PROMPT], text_encoder=(te, "text_encoder"))
+    return g.add("WanLeanTextEncode", [prompt, negative], text_encoder=(te, "text_encoder"))
 
 
-def sampler(g, ntype, head, size, tail=(0.0, 0), **links):
+def sampler(g, ntype, head, size, tail=(0.0, 0, "comfy"), **links):
     """A sampler node with the widgets head + (width, height, length) + tail; the size also goes on the thumbnail."""
     g.card["size"] = size
     return g.add(ntype, [*head, *size, *tail], **links)
@@ -186,7 +188,7 @@ def image_cond(g, enc, vae, imgs, size):
         links["clip_vision_start"] = (cs, "clip_vision_output")
     if end:
         links.update(end_image=(end[0][0], "IMAGE"), clip_vision_end=(end[0][1], "clip_vision_output"))
-    return g.add("WanLeanImageToVideo", list(size), **links)
+    return g.add("WanLeanImageToVideo", [*size, "crop"], **links)
 
 
 def i2v_21(model_file, width, height, steps, shift, title, flf=False, lora=None):
@@ -195,7 +197,8 @@ def i2v_21(model_file, width, height, steps, shift, title, flf=False, lora=None)
                     LIGHTX2V_NOTE.format("I2V-14B-480P") if lora else
                     f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
     model = model_loader(g, model_file, lora and (lora, 1.0))
-    enc, vae = text_side(g, I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    enc = text_side(g, I2V_PROMPT, FLF2V_NEGATIVE_PROMPT if flf else I2V_NEGATIVE_PROMPT)
+    vae = g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
     names = ("wan_example_start.png", "wan_example_end.png") if flf else ("wan_example_start.png",)
     cond = image_cond(g, enc, vae, images(g, clip, names), (width, height, 81))
@@ -227,7 +230,7 @@ def a14b(kind, cfgs, shift, boundary, title, distilled=False):
     if kind == "i2v":
         enc = image_cond(g, enc, vae, images(g, None, ("wan_example_start.png",)), (1280, 720, 81))
     head = [0, "fixed", 4, 1.0, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, *cfgs, shift, "unipc"]
-    s = sampler(g, "WanLeanSamplerA14B", head, (1280, 720, 81), (boundary, 0.0, 0),
+    s = sampler(g, "WanLeanSamplerA14B", head, (1280, 720, 81), (boundary, 0.0, 0, "comfy"),
                 high_noise_model=(high, "model"), low_noise_model=(low, "model"),
                 positive=(enc, "positive"), negative=(enc, "negative"))
     return finish(g, vae, s, 16, f"wan/{kind}_a14b")
@@ -289,7 +292,7 @@ def s2v(title, pose=False, max_clips=1):
                     "Official defaults: 40 UniPC steps per 80-frame clip, shift 3, guidance 4.5, 16 fps. Each clip continues "
                     "from the last 73 frames of the one before; max_clips 0 renders as many clips as the audio needs.")
     model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"])
-    enc, vae = text_side(g, S2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
+    enc, vae = text_side(g, S2V_PROMPT, S2V_NEGATIVE_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     audio_enc = g.add("WanLeanAudioEncoderLoader", ["wav2vec2_large_english_fp16.safetensors"])
     image = g.add("LoadImage", ["wan_example_start.png", "image"], title="Reference image")
     audio = g.add("WanLeanLoadAudio", ["wan_example_speech.wav"], title="Speech")
@@ -298,7 +301,7 @@ def s2v(title, pose=False, max_clips=1):
         video = g.add("LoadVideo", ["wan_example_pose.mp4", "video"], title="Pose video (16 fps)")
         parts = g.add("GetVideoComponents", [], video=(video, "VIDEO"))
         extra["pose_video"] = (parts, "images")
-    s = g.add("WanLeanSpeechToVideo", [832, 480, 0, "fixed", 40, 4.5, 3.0, "unipc", max_clips],
+    s = g.add("WanLeanSpeechToVideo", [832, 480, 0, "fixed", 40, 4.5, 3.0, "unipc", max_clips, "audio", "comfy", "crop"],
               model=(model, "model"), vae=(vae, "vae"), audio_encoder=(audio_enc, "audio_encoder"),
               positive=(enc, "positive"), negative=(enc, "negative"), ref_image=(image, "IMAGE"), audio=(audio, "audio"),
               **extra)

@@ -208,26 +208,45 @@ def test_prepare_normalises_as_hf_feature_extractor():
     scale_close(prepare(x, 16000), ref[0], rel=1e-6)
 
 
+def librosa_resample(rows, sr):
+    """librosa.resample(rows, orig_sr=sr, target_sr=16000) (res_type "soxr_hq", fix=True), as librosa's source writes
+    it: soxr.resample along the last axis, then fix_length to int(ceil(N * 16000 / sr)) (cut, or zero-padded)."""
+    import soxr
+    size = int(np.ceil(rows.shape[-1] * (16000.0 / sr)))
+    out = np.apply_along_axis(soxr.resample, -1, rows, in_rate=sr, out_rate=16000, quality="soxr_hq")
+    out = out[..., :size]
+    return np.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, size - out.shape[-1])]).astype(rows.dtype)
+
+
+@pytest.mark.parametrize("sr", [8000, 22050, 32000, 44100, 48000, 96000])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_resample_and_prepare_equal_librosa_soxr_hq(sr, channels):
+    """The 16 kHz waveform is soxr HQ's, bit for bit (each channel), and prepare() is librosa.load(sr=16000)'s mono
+    mix + soxr + HF's normalisation (the official extract_audio_feat) within 1e-6 of the scale."""
+    from transformers import Wav2Vec2FeatureExtractor
+    g = torch.Generator().manual_seed(sr + channels)
+    n = int(sr * 0.7) + 13
+    t = torch.arange(n, dtype=torch.float64) / sr
+    x = torch.stack([(0.4 * torch.sin(2 * math.pi * (300 + 150 * c) * t * (1 + t))).float()
+                     + 0.05 * torch.randn(n, generator=g) for c in range(channels)])
+    mine = resample(x, sr, 16000)
+    ref = librosa_resample(x.numpy(), sr)
+    assert mine.shape == ref.shape == (channels, math.ceil(n * 16000 / sr)) and mine.abs().max() > 0.1
+    assert torch.equal(mine, torch.from_numpy(ref))
+    mono = x.numpy().mean(axis=0)  # librosa.to_mono, float32
+    official = Wav2Vec2FeatureExtractor(do_normalize=True)(librosa_resample(mono, sr), sampling_rate=16000,
+                                                           return_tensors="pt").input_values[0]
+    scale_close(prepare(x, sr), official, rel=1e-6)
+    assert resample(torch.zeros(n), sr, 16000).shape == (math.ceil(n * 16000 / sr),)
+
+
 def test_resample_is_band_limited():
     x = resample(tone(1000, 44100, 1.0), 44100, 16000)
-    scale_close(x[400:-400], tone(1000, 16000, 1.0)[400:-400], rel=1e-4)  # passband: exact
+    scale_close(x[400:-400], tone(1000, 16000, 1.0)[400:-400], rel=1e-3)  # passband
     alias = resample(tone(9000, 44100, 1.0), 44100, 16000)  # above 8 kHz: would fold to 7 kHz
     assert alias[400:-400].abs().max() < 1e-4
-    for sr, n in ((48000, 48000), (22050, 22050), (8000, 8001), (11025, 5000)):
-        assert resample(torch.zeros(n), sr, 16000).shape == (math.ceil(n * 16000 / sr),)
-
-
-def test_resample_matches_torchaudio_kaiser_design():
-    """Same windowed-sinc design as torchaudio's sinc_interp_kaiser with our parameters (torchaudio is only the
-    check here; ComfyUI resamples with its default Hann design, see the audio.py docstring)."""
-    import torchaudio.functional as AF
-    x = torch.randn(2, 44100, generator=torch.Generator().manual_seed(5))
-    ref = AF.resample(x, 44100, 16000, lowpass_filter_width=audio.RESAMPLE["zero_crossings"],
-                      rolloff=audio.RESAMPLE["rolloff"], resampling_method="sinc_interp_kaiser",
-                      beta=audio.RESAMPLE["beta"])
-    scale_close(resample(x, 44100, 16000), ref, rel=1e-4)
-    with pytest.raises(ValueError, match="common rate"):
-        resample(x, 22222, 16001)
+    with pytest.raises(ValueError, match="positive"):
+        resample(x, 0, 16000)
 
 
 @pytest.mark.parametrize("bad, words", [

@@ -73,3 +73,21 @@ def test_image_inputs_are_checked():
     assert to_pixels(torch.rand(1, 8, 8, 1), "x").shape == (1, 3, 8, 8)  # grey expanded
     with pytest.raises(ValueError, match="TI2V-5B takes a start image only"):
         image_latents(WanVAE22(**VAE22_TINY), torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), 32, 32, 5)
+
+
+def test_official_end_frame_crops_as_the_official_flf2v_code():
+    """A last frame of another size: torchvision's center_crop to [round(w_l r), round(h_l r)] (r = max of the
+    first/last size ratios, PIL width-height order, read as height-width), zero-padded where larger; then the
+    same bicubic resize as the first frame."""
+    import torchvision.transforms.functional as TF
+    from wan_core.conditioning import centre_crop, official_end_frame, official_i2v_pixels
+    end = torch.rand(1, 3, 30, 50, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    r = max(64 / 50, 40 / 30)
+    ref = TF.center_crop(end, [round(50 * r), round(30 * r)])
+    assert torch.equal(official_end_frame(end, (40, 64)), ref)
+    assert official_end_frame(end, (30, 50)) is end
+    start = torch.rand(1, 3, 40, 64) * 2 - 1
+    s, e = official_i2v_pixels(start, end, 64 * 40)
+    assert s.shape == e.shape == (1, 3, 32, 64)
+    for h, w in ((5, 7), (12, 3), (30, 50)):
+        assert torch.equal(centre_crop(end, h, w), TF.center_crop(end, [h, w]))

@@ -375,7 +375,7 @@ def _vae(name):
     def run(nodes):
         vae, = nodes.loaders.WanLeanVAELoader().load(name)
         positive, _ = conds()
-        out, _ = nodes.image.WanLeanImageToVideo().apply(positive, positive, vae, torch.rand(1, 32, 32, 3), 32, 32, 5)
+        out, *_ = nodes.image.WanLeanImageToVideo().apply(positive, positive, vae, torch.rand(1, 32, 32, 3), 32, 32, 5)
         extras = out[0][1]
         latent = extras.get("wanlean_y", extras.get("wanlean_first_frame"))[:, -vae.patcher.model.z_dim:]
         nodes.decode.WanLeanVAEDecode().decode(vae, {"samples": latent})

@@ -42,11 +42,13 @@ def test_pack_loads_without_errors(server):
 
 
 def s2v_frames(max_clips):
-    """Frames an S2V workflow must write for the example speech: clips of 80, the first 3 frames dropped."""
+    """Frames an S2V workflow must write for the example speech: clips of 80, the first 3 frames dropped, cut where
+    the audio ends (floor(seconds x 16), as the official mp4)."""
     from wan_core.audio import clips_for, load_audio, prepare, video_frames
     wave, rate = load_audio(os.path.join(SMOKE_INPUT, "wan_example_speech.wav"))
     clips = clips_for(video_frames(prepare(wave, rate).shape[-1]))
-    return 80 * (min(clips, max_clips) if max_clips else clips) - 3
+    clips = min(clips, max_clips) if max_clips else clips
+    return min(80 * clips - 3, wave.shape[-1] * 16 // rate)
 
 
 # the long one renders every clip the speech needs (2 here, ~3 min on 2 cores): opt-in
@@ -108,3 +110,41 @@ def test_every_sampler_choice_runs_in_a_workflow_test(server):
             api = ui_to_api(json.load(f), info)
         used |= {e["inputs"]["sampler"] for e in api.values() if "sampler" in e["inputs"]}
     assert options <= used, f"sampler choices no workflow test runs: {sorted(options - used)}"
+
+
+def test_negative_prompts_are_each_models_official_default():
+    """Wan Text Encode in each workflow carries its model's official default negative prompt: the Wan 2.2 configs
+    (shared, S2V) read from the official code; Wan 2.1 I2V-14B prefixes 镜头晃动 (camera shake) to the shared one,
+    FLF2V-14B prefixes 镜头切换 (shot change) to I2V's (Wan 2.1 wan/configs/wan_i2v_14B.py and __init__.py)."""
+    import json
+    from official import official
+    from wan_core import tokenizer
+    shared = official("configs.shared_config").wan_shared_cfg.sample_neg_prompt
+    s2v = official("configs.wan_s2v_14B").s2v_14B.sample_neg_prompt
+    assert tokenizer.OFFICIAL_NEGATIVE_PROMPT == shared and tokenizer.S2V_NEGATIVE_PROMPT == s2v
+    assert tokenizer.I2V_NEGATIVE_PROMPT == "镜头晃动，" + shared
+    assert tokenizer.FLF2V_NEGATIVE_PROMPT == "镜头切换，镜头晃动，" + shared
+    want = {"wan21_i2v": tokenizer.I2V_NEGATIVE_PROMPT, "wan21_flf2v": tokenizer.FLF2V_NEGATIVE_PROMPT, "wan22_s2v": s2v}
+    for name in WORKFLOWS:
+        with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:
+            nodes = [n for n in json.load(f)["nodes"] if n["type"] == "WanLeanTextEncode"]
+        assert len(nodes) == 1, name
+        expected = next((v for k, v in want.items() if name.startswith(k)), shared)
+        assert nodes[0]["widgets_values"][1] == expected, name
+
+
+def test_s2v_official_options_through_the_server(server):
+    """The S2V workflow with video_length whole clips, seed_mode official and sizing official: every generated frame
+    (77), at the size the official S2V picks for the example image at about 64 x 64 pixels."""
+    from PIL import Image
+    from wan_core.conditioning import official_s2v_size
+    with Image.open(os.path.join(SMOKE_INPUT, "wan_example_start.png")) as img:
+        w, h = img.size
+    height, width = official_s2v_size(h, w, 64 * 64)
+    files = run_workflow(server, "wan22_s2v.json", {"WanLeanSpeechToVideo.video_length": "whole clips",
+                                                     "WanLeanSpeechToVideo.seed_mode": "official",
+                                                     "WanLeanSpeechToVideo.sizing": "official"},
+                         sizes={"width": 64, "height": 64, "steps": 2})
+    info = probe(next(f for f in files if f.endswith(".mp4")))
+    assert (info["frames"], info["width"], info["height"]) == (77, width, height)
+    assert abs(info["audio_duration"] - info["duration"]) <= 1 / 16, info

@@ -5,15 +5,13 @@ Pipeline (official wan/modules/s2v/audio_encoder.py + wan/speech2video.py; Comfy
   (25 hidden states at 50 Hz) -> audio_buckets: linear interpolation to 30 fps, then one feature vector per 16-fps
   video frame -> the S2V DiT's audio input [1, 25, 1024, frames], sliced per clip of 80 frames.
 
-Resampling. The official code reads audio with librosa.load(path, sr=16000) (librosa is not a dependency here):
-mono mix, then soxr's "HQ" resampler (linear phase, flat to ~7.4 kHz, -6 dB near 7.65 kHz, stopband from
-8 kHz). ComfyUI resamples with torchaudio.functional.resample's default (Hann-windowed sinc, 6 zero crossings,
-rolloff 0.99), whose transition band reaches past 8 kHz: a 9 kHz tone aliases back at -17 dB.
-`resample` here is a Kaiser-windowed sinc (80 zero crossings, rolloff 0.955, beta 12) chosen to come close to
-soxr HQ; it is the same design as torchaudio's sinc_interp_kaiser with those parameters (tested). Max abs
-difference to soxr HQ, relative to the peak: 2.0e-3 on an espeak-ng sentence at 22.05 kHz, 9.5e-3 on white
-noise at 44.1 kHz (the worst case: it has energy near 8 kHz, where the filters differ); ComfyUI's
-torchaudio default: 3.9e-2 and 1.7e-1. Output length is ceil(N * 16000 / sr), as librosa gives.
+Resampling is the official one: the official code reads audio with librosa.load(path, sr=16000), which mixes to
+mono (channel mean, float32), resamples each row with soxr's "HQ" quality (soxr.resample(y, sr, 16000,
+quality="soxr_hq"), float32 in and out) and cuts or zero-pads the result to ceil(N * 16000 / sr) samples
+(librosa.resample's fix_length). `resample` makes the same soxr call and the same length fix, so the 16 kHz waveform
+equals librosa's bit for bit (tests/test_audio.py, against soxr at 8 / 22.05 / 32 / 44.1 / 48 / 96 kHz, mono and
+stereo). The pack's earlier Kaiser-windowed sinc was 2.0e-3 (speech, 22.05 kHz) to 9.5e-3 (white noise, 44.1 kHz)
+of the peak away from it; ComfyUI's torchaudio default (Hann, 6 zero crossings) 3.9e-2 and 1.7e-1.
 
 Normalisation is HF Wav2Vec2FeatureExtractor's (do_normalize): (x - mean) / sqrt(var + 1e-7), population variance.
 ComfyUI normalises inside its model with torch's unbiased variance: a factor sqrt(1 - 1/N) apart.
@@ -27,7 +25,6 @@ Frame arithmetic (fps 16, video_rate 30, 50 Hz features, all as the reference):
   for int(T30 / 150) + 1 clips, one more (all-silent) clip only when T30 is an exact multiple of 150, and
   returns clips * 80 - 3 frames (clip 0 drops 3 frames decoded next to the reference latent).
 """
-import functools
 import math
 import os
 
@@ -45,8 +42,6 @@ FPS = 16  # S2V video frame rate
 FRAMES_PER_CLIP = 80
 SILENCE = 1e-4  # peak below this (-80 dBFS) counts as silent
 MIN_SAMPLES = 720  # 45 ms at 16 kHz: two wav2vec2 frames, the least that yields one video frame
-RESAMPLE = dict(zero_crossings=80, rolloff=0.955, beta=12.0)
-_MAX_PHASES = 4096  # sample-rate ratios needing more polyphase branches than this are refused
 EXTENSIONS = "wav, flac, ogg (and mp3 with libsndfile >= 1.1)"
 # file extension -> libsndfile's major format that reads it (m4a/aac: none, libsndfile has no AAC decoder)
 SOUNDFILE_FORMATS = {".wav": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".opus": "OGG", ".mp3": "MP3", ".aiff": "AIFF",
@@ -121,39 +116,25 @@ def trim_to_video(waveform, sample_rate, num_frames, fps=FPS):
     return torch.nn.functional.pad(waveform[..., :n], (0, max(0, n - waveform.shape[-1])))
 
 
-@functools.lru_cache(maxsize=8)
-def _sinc_kernel(up, down, zero_crossings, rolloff, beta):
-    """Polyphase kernel [up, 1, 2*lead + down] float32; row p: the taps of output phase p (Kaiser-windowed sinc)."""
-    cutoff = 0.5 * rolloff * min(up, down) / down  # cycles per input sample
-    half = zero_crossings / (2 * cutoff)  # window half-width in input samples
-    lead = math.ceil(half)
-    tau = torch.arange(up, dtype=torch.float64)[:, None] * down / up - torch.arange(-lead, lead + down)
-    window = torch.special.i0(beta * (1 - (tau / half).clamp(-1, 1) ** 2).sqrt()) / float(np.i0(beta))
-    taps = 2 * cutoff * torch.sinc(2 * cutoff * tau) * window
-    return torch.where(tau.abs() <= half, taps, torch.zeros_like(taps)).float()[:, None], lead
+def resample(x, orig_sr, new_sr):
+    """x [..., N] from orig_sr to new_sr -> [..., ceil(N * new_sr / orig_sr)] float32, as librosa.resample(x, orig_sr,
+    new_sr) does it (its default res_type "soxr_hq"): soxr's HQ resampler on each row in float32, then cut or
+    zero-padded to librosa's length."""
+    import soxr  # imported here so the model code does not need it
 
-
-def resample(x, orig_sr, new_sr, **design):
-    """Band-limited resampling of x [..., N] from orig_sr to new_sr -> [..., ceil(N * new_sr / orig_sr)] float32.
-
-    Polyphase windowed sinc (design: RESAMPLE): output n sits at input time n * orig_sr / new_sr, cutoff
-    rolloff * the lower Nyquist; one strided conv1d per call, the kernel cached per rate pair."""
     orig_sr, new_sr = int(orig_sr), int(new_sr)
     if orig_sr <= 0 or new_sr <= 0:
         raise ValueError(f"sample rates must be positive, got {orig_sr} -> {new_sr}")
     x = torch.as_tensor(x).float()
     if orig_sr == new_sr:
         return x
-    g = math.gcd(orig_sr, new_sr)
-    up, down = new_sr // g, orig_sr // g
-    if up > _MAX_PHASES:
-        raise ValueError(f"cannot resample {orig_sr} Hz to {new_sr} Hz directly (ratio {up}/{down}); "
-                         "convert the audio to a common rate (e.g. 44100 or 48000 Hz) first")
-    d = {**RESAMPLE, **design}
-    taps, lead = _sinc_kernel(up, down, d["zero_crossings"], d["rolloff"], d["beta"])
-    n = x.shape[-1]
-    y = F.conv1d(F.pad(x.reshape(-1, 1, n), (lead, lead + down)), taps.to(x.device), stride=down)  # [B, up, M]
-    return y.transpose(1, 2).flatten(1)[:, : -(-n * up // down)].reshape(*x.shape[:-1], -1)
+    rows = x.detach().cpu().reshape(-1, x.shape[-1]).numpy()
+    size = int(np.ceil(x.shape[-1] * (float(new_sr) / orig_sr)))  # librosa's expression for the length
+    out = np.zeros((rows.shape[0], size), dtype=np.float32)
+    for row, y in zip(rows, out):
+        r = soxr.resample(np.ascontiguousarray(row), orig_sr, new_sr, quality="soxr_hq")[:size]
+        y[:r.shape[0]] = r
+    return torch.from_numpy(out).reshape(*x.shape[:-1], size).to(x.device)
 
 
 def prepare(waveform, sample_rate):

@@ -1,5 +1,18 @@
 """Image conditioning for I2V / FLF2V (mask + VAE latent of [first, zeros..., last]) and TI2V-5B
-(the first frame's latent), and the images' way in: ComfyUI-style [B, H, W, C] in [0, 1]."""
+(the first frame's latent), and the images' way in: ComfyUI-style [B, H, W, C] in [0, 1].
+
+Sizing ("crop", the pack's default: scale to cover the asked width x height, bicubic, centre-crop) or "official":
+- image-to-video (official image2video / first_last_frame2video): the video size follows the image's aspect ratio
+  at about max_area = width * height pixels, each side floored to a multiple of 16 (`official_i2v_size`); the image
+  is resized to it with bicubic interpolation (no antialias, no clamp, no crop). A last frame of another size is
+  first centre-cropped as the official FLF2V code does it (`official_end_frame`).
+- speech-to-video (official speech2video): the size is picked from the reference image and the area in multiples
+  of 64 (`official_s2v_size`, get_size_less_than_area); the image's short side is resized to the short side of that
+  size (bilinear with antialias, as torchvision's Resize on a PIL image), rounded to 8-bit levels, and centre-cropped
+  (torchvision's CenterCrop: zero-padded, i.e. black bars, where the resized image is smaller).
+"""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -43,17 +56,104 @@ def fit(pixels, width, height):
     return out[:, :, top:top + height, left:left + width]
 
 
-def image_latents(vae, start, end, width, height, length):
+SIZINGS = ("crop", "official")
+
+
+def official_i2v_size(height, width, max_area, stride=8, patch=2):
+    """The official image-to-video size (h, w) for an image height x width: lat = sqrt(area * aspect) floored to
+    whole patches of stride * patch pixels, per side (aspect = height / width, as the official code divides)."""
+    aspect = height / width
+    lat_h = round(math.sqrt(max_area * aspect) // stride // patch * patch)
+    lat_w = round(math.sqrt(max_area / aspect) // stride // patch * patch)
+    if lat_h < 1 or lat_w < 1:
+        raise ValueError(f"the image ({width}x{height}) is too narrow for an area of {max_area} pixels: "
+                         "raise width x height, or use sizing: crop")
+    return lat_h * stride, lat_w * stride
+
+
+def centre_crop(pixels, height, width, fill=0.0):
+    """torchvision's CenterCrop on [..., H, W]: padded with `fill` (left/top get the smaller half) where smaller,
+    then the window at round((H - height) / 2), round((W - width) / 2) (Python's round, half to even)."""
+    h, w = pixels.shape[-2:]
+    if h < height or w < width:
+        ph, pw = max(0, height - h), max(0, width - w)
+        pixels = F.pad(pixels, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2), value=fill)
+        h, w = pixels.shape[-2:]
+    top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    return pixels[..., top:top + height, left:left + width]
+
+
+def official_end_frame(end, start_hw):
+    """The official FLF2V step for a last frame whose size differs from the first's: r = max(first / last) per
+    side (PIL width, height order) and the last frame centre-cropped, not resized, to [round(w_l r), round(h_l r)],
+    read by torchvision as (height, width), padded with 0 where larger -- as the official code writes it."""
+    (hf, wf), (hl, wl) = start_hw, end.shape[-2:]
+    if (hf, wf) == (hl, wl):
+        return end
+    r = max(wf / wl, hf / hl)
+    return centre_crop(end, round(wl * r), round(hl * r))
+
+
+def official_i2v_pixels(start, end, max_area):
+    """Start (and end) image [1, 3, H, W] in [-1, 1] -> (start, end) resized to official_i2v_size, bicubic."""
+    h, w = official_i2v_size(*start.shape[-2:], max_area)
+    resize = lambda x: F.interpolate(x, size=(h, w), mode="bicubic")  # noqa: E731
+    return resize(start), None if end is None else resize(official_end_frame(end, start.shape[-2:]))
+
+
+def official_s2v_size(height, width, max_area, divisor=64):
+    """The official S2V size (h, w) for a reference image height x width: the largest of 100 scales, from the one
+    filling max_area down to the one leaving room for padding up to multiples of 64, whose padded size fits in
+    max_area; failing that, the area's size floored to multiples of `divisor` (the image's own when larger)."""
+    if height * width <= max_area:
+        low, high = 0.1, 1.0
+    else:
+        d = divisor - 1
+        a, b, c = height * width, d * (height + width), d ** 2 - max_area
+        low = (-b + math.sqrt(b ** 2 - 2 * a * c)) / (2 * a)  # the official expression, as written
+        high = math.sqrt(max_area / (height * width))
+    for i in range(100):
+        scale = high - (high - low) * i / 100
+        h, w = int(height * scale), int(width * scale)
+        h, w = h + (64 - h % 64) % 64, w + (64 - w % 64) % 64
+        if h * w <= max_area:
+            return h, w
+    aspect = width / height
+    tw, th = int((max_area * aspect) ** 0.5 // divisor * divisor), int((max_area / aspect) ** 0.5 // divisor * divisor)
+    if tw >= width or th >= height:
+        tw, th = int(width // divisor * divisor), int(height // divisor * divisor)
+    return th, tw
+
+
+def official_s2v_pixels(pixels, height, width):
+    """[N, 3, H, W] in [-1, 1] -> [N, 3, height, width]: short side resized to min(height, width) (the long side
+    int(min * long / short)), bilinear with antialias, 8-bit levels, then centre-cropped with black bars."""
+    h, w = pixels.shape[-2:]
+    short = min(height, width)
+    size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    x = F.interpolate((pixels + 1) / 2, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = (x.clamp(0, 1) * 255).round() / 255
+    return centre_crop(x, height, width) * 2 - 1
+
+
+def image_latents(vae, start, end, width, height, length, sizing="crop"):
     """I2V/FLF2V: y = [4-ch frame mask, latent of [start, zeros..., end]] -> [1, 4 + z, T_lat, h, w].
-    TI2V (48-channel VAE): the start frame's latent [1, 48, 1, h, w]; returns (y, first_frame), one of them None."""
-    start = fit(start, width, height)
+    TI2V (48-channel VAE): the start frame's latent [1, 48, 1, h, w]; returns (y, first_frame), one of them None.
+    sizing "official": width x height is the area; the video size follows the start image (official_i2v_size)."""
     if vae.z_dim == 48:
         if end is not None:
             raise ValueError("TI2V-5B takes a start image only: disconnect end_image")
-        return None, vae.encode(start[:, :, None])
+        if sizing == "official":
+            raise ValueError("Wan Image To Video: sizing 'official' follows the image-to-video models (Wan 2.1 "
+                             "I2V/FLF2V, Wan 2.2 I2V-A14B); for TI2V-5B use sizing: crop")
+        return None, vae.encode(fit(start, width, height)[:, :, None])
     if end is not None and length < 5:
         raise ValueError("a first-last-frame video needs a length of at least 5 frames")
-    return known_frames_y(vae, start[:, :, None], None if end is None else fit(end, width, height), length), None
+    if sizing == "official":
+        start, end = official_i2v_pixels(start, end, width * height)
+    else:
+        start, end = fit(start, width, height), None if end is None else fit(end, width, height)
+    return known_frames_y(vae, start[:, :, None], end, length), None
 
 
 def known_frames_y(vae, known, end, length):

@@ -37,6 +37,7 @@ def latent_shape(width, height, length, channels=16, batch=1):
 
 
 SEED_SPACE = 2 ** 64  # seeds wrap modulo 2^64 (the widgets' range), so seed + clip never overflows the generator
+NOISE_MODES = ("comfy", "official")
 
 
 def guided(cfg):
@@ -45,12 +46,22 @@ def guided(cfg):
     return abs(cfg - 1.0) > 1e-6
 
 
-def initial_noise(shape, seed, generator=None):
-    """Seeded Gaussian noise from a CPU generator (the same on every device); any integer seed, taken mod 2^64. Pass
-    `generator` (a CPU torch.Generator) to keep drawing from it afterwards: lcm-distilled takes its fresh noise from
-    the same stream."""
-    generator = generator if generator is not None else torch.Generator("cpu")
-    return torch.randn(shape, generator=generator.manual_seed(int(seed) % SEED_SPACE), dtype=torch.float32)
+def initial_noise(shape, seed, mode="comfy", device="cpu", dtype=torch.float32, generator=None):
+    """Seeded Gaussian noise [shape] float32 on `device`; any integer seed, taken mod 2^64.
+
+    comfy: drawn by a CPU generator in float32 (ComfyUI's convention: the same numbers on every device); pass
+    `generator` (a CPU torch.Generator) to keep drawing from it afterwards (lcm-distilled's fresh noise).
+    official: drawn as the official generate() draws it: torch.Generator(device) seeded with `seed`, torch.randn
+    on that device in `dtype` (float32 for T2V / I2V / FLF2V / TI2V / A14B; S2V: bfloat16, seeded seed + clip per
+    clip), the same element count in the same order (the official tensor lacks the batch axis); then float32."""
+    if mode not in NOISE_MODES:
+        raise ValueError(f"seed_mode must be one of {', '.join(NOISE_MODES)}, got {mode!r}")
+    seed = int(seed) % SEED_SPACE
+    if mode == "comfy":
+        g = (generator if generator is not None else torch.Generator("cpu")).manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=dtype, device=device).float()
 
 
 def pad_context(ctx, length=512):
@@ -149,11 +160,12 @@ def _pin(v, x, sigma, pinned):
 
 
 def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, height, length, channels=16,
-             device="cpu", dtype=torch.float32, callback=None):
-    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride)."""
+             device="cpu", dtype=torch.float32, callback=None, noise_mode="comfy"):
+    """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride);
+    noise_mode: see initial_noise."""
     check_video_size(width, height, length, 2 * spatial_stride(channels))
-    generator = torch.Generator("cpu")
-    x = initial_noise(latent_shape(width, height, length, channels), seed, generator).to(device)
+    generator = torch.Generator("cpu").manual_seed(int(seed) % SEED_SPACE)  # lcm-distilled's fresh noise
+    x = initial_noise(latent_shape(width, height, length, channels), seed, noise_mode, device, generator=generator)
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():
         x = sample(denoise, x, sampler=sampler, steps=steps, shift=shift, callback=callback, generator=generator)

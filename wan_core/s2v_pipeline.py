@@ -6,14 +6,26 @@ from typing import Callable, Optional
 
 import torch
 
-from .conditioning import fit
-from .pipeline import guided, initial_noise, pad_context
+from .conditioning import fit, official_s2v_pixels
+from .pipeline import SEED_SPACE, guided, initial_noise, pad_context
 from .sampling import sample
 
 CLIP_FRAMES = 80    # pixel frames per clip (infer_frames)
 MOTION_FRAMES = 73  # pixel frames carried into the next clip as motion
 DROP_FIRST = 3      # clip 0 decodes [reference, 20 latents] and drops its first 3 frames (drop_first_motion)
 LATENTS_PER_CLIP = (CLIP_FRAMES + 3 + MOTION_FRAMES) // 4 - (MOTION_FRAMES + 3) // 4  # 20
+FPS = 16
+
+
+def output_frames(clips, num_samples, sample_rate, whole_clips=False, fps=FPS):
+    """Frames a video of `clips` clips keeps for audio of num_samples at sample_rate. The official run writes all
+    clips * 80 - 3 frames and then muxes its audio file with ffmpeg -c:v copy -shortest, which keeps
+    floor(num_samples * fps / sample_rate) frames when the audio is the shorter (tests/test_s2v_pipeline.py runs
+    the official merge_video_audio); whole_clips keeps every generated frame (the tail past the audio is silent)."""
+    made = clips * CLIP_FRAMES - DROP_FIRST
+    if whole_clips:
+        return made
+    return max(1, min(made, int(num_samples) * fps // int(sample_rate)))
 
 
 @dataclass
@@ -27,10 +39,17 @@ class S2VJob:
     pose_latents: Optional[list] = None
 
 
-def pose_latents(vae, pose, width, height, clips):
+def fit_frames(frames, width, height, sizing="crop"):
+    """[N, 3, H, W] in [-1, 1] -> [N, 3, height, width]: conditioning.fit (crop) or the official S2V resize."""
+    if sizing == "official":
+        return official_s2v_pixels(frames, height, width)
+    return torch.cat([fit(f[None], width, height) for f in frames])
+
+
+def pose_latents(vae, pose, width, height, clips, sizing="crop"):
     """Pose video [1, 3, T, H, W] in [-1, 1] -> per clip: 80 frames (padded with -1 past the end), first frame
     repeated once in front, VAE-encoded, first latent dropped -> [1, 16, 20, h, w] (the official load_pose_cond)."""
-    frames = torch.stack([fit(f[None], width, height)[0] for f in pose[0].unbind(1)], dim=1)[None]
+    frames = fit_frames(pose[0].transpose(0, 1), width, height, sizing).transpose(0, 1)[None]
     need = clips * CLIP_FRAMES
     frames = frames[:, :, :need]
     if frames.shape[2] < need:
@@ -64,10 +83,11 @@ def s2v_denoiser(model, job, clip, motion, guidance, dtype):
 
 
 def generate_s2v(get_model: Callable, vae, job: S2VJob, *, clips, seed, steps, cfg, shift, sampler, width, height,
-                 device="cpu", dtype=torch.float32, callback=None, on_clip=None):
+                 device="cpu", dtype=torch.float32, callback=None, on_clip=None, noise_mode="comfy"):
     """-> frames [1, 3, clips * 80 - 3, H, W] in [-1, 1] (on the CPU). get_model() returns the DiT ready on the
     device (called per clip, so a memory manager may swap the VAE and the DiT); callback(step, steps, ...) per
-    step; on_clip(clip, clips, motion_latent) after each clip (progress, tests)."""
+    step; on_clip(clip, clips, motion_latent) after each clip (progress, tests). Clip r's noise is seeded
+    seed + r; noise_mode "official" draws it in bfloat16 on the device, as the official S2V does."""
     h, w = height // 8, width // 8
     history = torch.zeros(1, 3, MOTION_FRAMES, height, width, device=device)
     out = []
@@ -75,8 +95,9 @@ def generate_s2v(get_model: Callable, vae, job: S2VJob, *, clips, seed, steps, c
         motion = None if clip == 0 else vae.encode(history.to(device))
         if on_clip:
             on_clip(clip, clips, motion)
-        generator = torch.Generator("cpu")
-        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip, generator).to(device)
+        generator = torch.Generator("cpu").manual_seed(int(seed + clip) % SEED_SPACE)
+        noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip, noise_mode, device, torch.bfloat16,
+                              generator=generator)
         denoise = s2v_denoiser(get_model(), job, clip, motion, cfg, dtype)
         with torch.no_grad():
             latent = sample(denoise, noise, sampler=sampler, steps=steps, shift=shift, callback=callback,

@@ -17,6 +17,15 @@ OFFICIAL_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，"
     "形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
+# per-model defaults of the official configs: Wan 2.1 I2V-14B prefixes "camera shake", FLF2V-14B (a copy of the
+# I2V config) prefixes "shot change" to that; Wan 2.2 S2V-14B has its own; every other model uses the shared one
+I2V_NEGATIVE_PROMPT = "镜头晃动，" + OFFICIAL_NEGATIVE_PROMPT
+FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT
+S2V_NEGATIVE_PROMPT = (
+    "画面模糊，最差质量，画面模糊，细节模糊不清，情绪激动剧烈，手快速抖动，字幕，丑陋的，残缺的，多余的手指，"
+    "画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，"
+    "背景人很多，倒着走"
+)
 TOKENIZER_FILES = ("spiece.model", "tokenizer.model")
 TOKENIZER_DIRS = ("", os.path.join("google", "umt5-xxl"), "umt5-xxl")
 

@@ -1,0 +1,77 @@
+"""The official Wan 2.2 code (the `wan22` package, 2.2.11, installed with --no-deps by scripts/setup.sh) as a test
+reference.
+
+`official("modules.s2v.s2v_utils")` imports one module of it without running `wan/__init__.py` (which imports every
+pipeline and their heavy dependencies): the parent packages are registered as bare modules pointing at the installed
+folders. `cpu_patches()` makes the official model code run on the CPU: its flash-attention calls become an exact
+SDPA and torch.cuda.current_device answers 0.
+"""
+import contextlib
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import types
+
+import pytest
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def wan_root():
+    spec = importlib.util.find_spec("wan")  # finds the folder without executing wan/__init__.py
+    if spec is None or not spec.origin or not os.path.isfile(os.path.join(os.path.dirname(spec.origin), "speech2video.py")):
+        pytest.fail("the official Wan code is missing: run `bash scripts/setup.sh` (it installs wan22==2.2.11)")
+    return os.path.dirname(spec.origin)
+
+
+PACKAGES = ("", "modules", "modules.s2v", "modules.animate", "utils", "distributed")  # never executed
+
+
+def official(name):
+    """The module wan.<name> of the installed official code (its package __init__ files not executed; imported
+    with torch.cuda.current_device answering 0, which some of its default arguments call)."""
+    root = wan_root()
+    for pkg in PACKAGES:
+        full = "wan" + ("." + pkg if pkg else "")
+        if full not in sys.modules:
+            module = types.ModuleType(full)
+            module.__path__ = [os.path.join(root, *pkg.split(".")) if pkg else root]
+            sys.modules[full] = module
+    with cpu_patches():
+        return importlib.import_module("wan." + name)
+
+
+def sdpa_attention(q, k, v, q_lens=None, k_lens=None, dropout_p=0.0, softmax_scale=None, q_scale=None, causal=False,
+                   window_size=(-1, -1), deterministic=False, dtype=None, version=None, **_):
+    """The official flash_attention([B, L, heads, d] q, k, v) computed exactly with SDPA in the inputs' dtype
+    (fp32 in the tests); key padding from k_lens masked out, as the varlen kernel ignores it."""
+    if q_scale is not None:
+        q = q * q_scale
+    mask = None
+    if k_lens is not None:
+        mask = (torch.arange(k.shape[1], device=k.device)[None] < k_lens.to(k.device)[:, None])[:, None, None]
+    out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                           attn_mask=mask, is_causal=causal, scale=softmax_scale)
+    out = out.transpose(1, 2)
+    if q_lens is not None:  # rows past a sample's query length are padding: the kernel leaves them zero
+        out = out * (torch.arange(q.shape[1], device=q.device)[None] < q_lens.to(q.device)[:, None])[..., None, None]
+    return out.contiguous()
+
+
+@contextlib.contextmanager
+def cpu_patches(*modules):
+    """Within the block: every given official module's flash_attention is sdpa_attention, and
+    torch.cuda.current_device() returns 0 (the official code asks it for the device of its buffers)."""
+    saved = [(m, getattr(m, "flash_attention")) for m in modules if hasattr(m, "flash_attention")]
+    current = torch.cuda.current_device
+    try:
+        for m, _ in saved:
+            m.flash_attention = sdpa_attention
+        torch.cuda.current_device = lambda: 0
+        yield
+    finally:
+        for m, f in saved:
+            m.flash_attention = f
+        torch.cuda.current_device = current
