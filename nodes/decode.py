@@ -16,6 +16,9 @@ TILINGS = ["auto", "off", "64", "48", "32", "24"]
 # Values per pixel, measured (CPU, RSS, fp32, real-width VAEs); the estimates add MARGIN (nodes/common.py)
 DECODE_VALUES = {8: 5500, 16: 5000}  # per output pixel: Wan 2.1 VAE (stride 8), Wan 2.2 VAE (stride 16)
 ENCODE_VALUES = {8: 4700, 16: 1900}  # per input pixel: 2.1 at 64x64 (4.3-4.7k; 3.75k at 128x128), 2.2 (1.7-1.9k)
+# Plus, per call, the largest encoder conv weight in fp32 (2.1: 384x384x3x3x3, 2.2: 640x640x3x3x3): on the CPU every
+# fp32 Conv3d runs on oneDNN (wan_core.vae), which reorders the weight into its own layout for the call.
+ENCODE_WEIGHT_COPY = {8: 384 * 384 * 27 * 4, 16: 640 * 640 * 27 * 4}
 
 
 def decode_memory(shape, dtype, stride=8):
@@ -31,10 +34,11 @@ def decode_memory(shape, dtype, stride=8):
 def encode_memory(shape, dtype, stride=8):
     """Peak of encoding a video `shape` [B, 3, T, H, W] (chunks of 1, 4, 4, ... frames) with a VAE of `stride` (8: Wan
     2.1, 16: Wan 2.2): the encoder's working set (ENCODE_VALUES per input pixel, flat in T; ComfyUI's 2.1 encoder
-    3.8k at 128x128) plus the video in the compute dtype; times MARGIN."""
+    3.8k at 128x128) plus the video in the compute dtype, plus one reordered conv weight (ENCODE_WEIGHT_COPY); times
+    MARGIN."""
     size = torch.finfo(dtype).bits // 8
     pixels = shape[0] * shape[3] * shape[4]
-    return int(MARGIN * pixels * size * (ENCODE_VALUES[stride] + 3 * shape[2]))
+    return int(MARGIN * (pixels * size * (ENCODE_VALUES[stride] + 3 * shape[2]) + ENCODE_WEIGHT_COPY[stride]))
 
 
 class WanLeanVAEDecode:
