@@ -45,6 +45,13 @@ def write_mp4(path, frames, fps, crf=19, audio=None):
         out.mux(packets)
 
 
+def check_prefix(prefix):
+    """An empty prefix (or one that names a folder only) would write hidden files such as `._00001_.mp4`."""
+    if os.path.basename(os.path.normpath(prefix.strip() or ".")) in ("", ".", ".."):
+        raise ValueError(f"Wan Save Video, input 'filename_prefix': {prefix!r} names no file (it is empty or a folder "
+                         "only): give a name such as 'wan/video'")
+
+
 class WanLeanSaveVideo:
     DESCRIPTION = ("Saves frames as an H.264 mp4 in ComfyUI's output folder (16 fps for Wan 2.1 and A14B, 24 for TI2V-5B), "
                    "with an optional audio track trimmed to the video.")
@@ -67,6 +74,7 @@ class WanLeanSaveVideo:
     def save(self, frames, fps, filename_prefix, crf, audio=None):
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be an RGB IMAGE batch [T, H, W, 3], got shape {tuple(frames.shape)}")
+        check_prefix(filename_prefix)
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(
             filename_prefix, out_dir, frames.shape[2], frames.shape[1])

@@ -32,3 +32,10 @@ def probe(path):
             info["audio_rate"] = audio.codec_context.sample_rate
             info["audio_duration"] = _audio_seconds(container, audio)
     return info
+
+
+def frames(path):
+    """The decoded RGB frames of a video's first video stream, uint8 [T, H, W, 3]."""
+    import numpy as np
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])

@@ -102,7 +102,7 @@ class Embeddings(nn.Module):
 
     def __init__(self, dim, patch, positions, ops):
         super().__init__()
-        self.class_embedding = nn.Parameter(torch.empty(dim))
+        self.class_embedding = nn.Parameter(torch.zeros(dim))  # finite before loading (smoke files save it)
         self.patch_embedding = ops.Conv2d(3, dim, kernel_size=patch, stride=patch, bias=False)
         self.position_embedding = ops.Embedding(positions, dim)
 

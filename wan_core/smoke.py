@@ -139,7 +139,7 @@ def write_clip(root):
 
 def write_all(root, force=False):
     """Write the smoke models folder (skipped when already complete, unless force)."""
-    stamp = os.path.join(root, ".smoke-v4")
+    stamp = os.path.join(root, ".smoke-v5")
     if os.path.exists(stamp) and not force:
         return root
     for sub in ("diffusion_models", "vae", "text_encoders", "clip_vision", "audio_encoders"):
