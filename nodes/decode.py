@@ -79,7 +79,7 @@ class WanLeanVAEDecode:
             logging.warning("Wan Lean: %s", message)
             mm.soft_empty_cache()
 
-        tile = {"auto": "auto", "off": None}.get(tiling) or int(tiling)
+        tile = {"auto": "auto", "off": None}[tiling] if tiling in ("auto", "off") else int(tiling)
         z = z.to(vae.device, vae.dtype)
         with torch.no_grad():
             video = decode_retrying(model, z, tile, 8, progress, on_oom, free_memory(z.device) if tile == "auto" else None)

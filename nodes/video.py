@@ -53,11 +53,15 @@ def write_mp4(path, frames, fps, crf=19, audio=None):
 
 def check_prefix(prefix, out_dir):
     """filename_prefix must give names the file system takes: each folder name, and the file name with its
-    `_00001_.mp4` counter, within the file system's name limit (255 bytes on most)."""
+    `_00001_.mp4` counter, within the file system's name limit (255 bytes on most); an empty prefix (or a folder
+    only) would write hidden files such as `._00001_.mp4`."""
     try:
         limit = os.pathconf(out_dir, "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
+    if os.path.basename(os.path.normpath(prefix.strip() or ".")) in ("", ".", ".."):
+        raise ValueError(f"Wan Save Video, input 'filename_prefix': {prefix!r} names no file (it is empty or a folder "
+                         "only): give a name such as 'wan/video'")
     parts = prefix.replace("\\", "/").split("/")
     for i, part in enumerate(parts):
         size = len(part.encode("utf-8")) + (len("_00001_.mp4") if i == len(parts) - 1 else 0)
