@@ -241,15 +241,24 @@ LONG_PROMPTS = ("A cat walks on the grass towards a wooden fence, realistic styl
                 "The cat sits on the fence at sunset, warm light, gentle breeze in the grass.")
 
 
-def a14b_long(kind, cfgs, shift, boundary, title):
+def a14b_long_note(shift, cfgs, boundary, distilled):
+    per_clip = ("4 steps with the Wan2.2-Lightning LoRAs (one per expert, strength 1), cfg 1 / 1 (no negative pass), "
+                "shift 5, euler-distilled" if distilled else
+                f"Official per-clip defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} / {cfgs[1]}")
+    return (f"{per_clip}, expert switch at {boundary}x1000. 3 clips of 81 frames, each continuing from the last 5 "
+            "frames of the one before (cross-faded): 233 frames, about 15 s at 16 fps. length must be 81 + (clips - 1) "
+            "x 76.")
+
+
+def a14b_long(kind, cfgs, shift, boundary, title, distilled=False):
     """Wan 2.2 A14B long video: Wan Long Video with both experts, 3 clips of 81 frames at 832x480 (overlap 5);
-    T2V with one prompt line per clip."""
+    T2V with one prompt line per clip; `distilled`: the 4-step Lightning preset on each clip."""
     files = [f"wan2.2_{kind}_high_noise_14B_fp16.safetensors", f"wan2.2_{kind}_low_noise_14B_fp16.safetensors"]
-    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21],
-                    f"Official per-clip defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} / {cfgs[1]}, expert "
-                    f"switch at {boundary}x1000. 3 clips of 81 frames, each continuing from the last 5 frames of the one "
-                    "before (cross-faded): 233 frames, about 15 s at 16 fps. length must be 81 + (clips - 1) x 76.")
-    high, low = (g.add("WanLeanModelLoader", [f, "default", "auto", "off"], title=t) for f, t in zip(files, ("High-noise expert", "Low-noise expert")))
+    loras = [LIGHTNING[kind].format(n) for n in ("high", "low")] if distilled else [None, None]
+    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21] + [f"loras/{f}" for f in loras if f],
+                    a14b_long_note(shift, cfgs, boundary, distilled))
+    high, low = (model_loader(g, f, lora and (lora, 1.0), title=t)
+                 for f, lora, t in zip(files, loras, ("High-noise expert", "Low-noise expert")))
     te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
     enc = g.add("WanLeanTextEncode", [PROMPT if kind == "t2v" else I2V_PROMPT, OFFICIAL_NEGATIVE_PROMPT],
                 text_encoder=(te, "text_encoder"))
@@ -262,9 +271,10 @@ def a14b_long(kind, cfgs, shift, boundary, title):
     else:
         links["text_encoder"], prompts = (te, "text_encoder"), "\n".join(LONG_PROMPTS)
     g.card["size"] = (832, 480, "3 x 81-frame clips")
-    s = g.add("WanLeanLongVideo", [0, "fixed", 40, cfgs[0], shift, "unipc", 832, 480, 233, 81, 5, cfgs[1], boundary, prompts],
+    head = [0, "fixed", 4, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, cfgs[0], shift, "unipc"]
+    s = g.add("WanLeanLongVideo", [*head, 832, 480, 233, 81, 5, 1.0 if distilled else cfgs[1], boundary, prompts],
               **links)
-    g.add("WanLeanSaveVideo", [16, f"wan/{kind}_a14b_long", 19], frames=(s, "frames"))
+    g.add("WanLeanSaveVideo", [16, f"wan/{kind}_a14b_long" + ("_4step" if distilled else ""), 19], frames=(s, "frames"))
     g.card["fps"] = 16
     return g
 
@@ -329,6 +339,10 @@ WORKFLOWS = {
                                            "Wan 2.1 I2V-14B-480P (4 steps, lightx2v LoRA)", lora=LIGHTX2V["i2v"]),
     "wan22_t2v_a14b_long.json": a14b_long("t2v", (4.0, 3.0), 12.0, 0.875, "Wan 2.2 T2V-A14B, long video (3 clips, a prompt each)"),
     "wan22_i2v_a14b_long.json": a14b_long("i2v", (3.5, 3.5), 5.0, 0.9, "Wan 2.2 I2V-A14B, long video (3 chained clips)"),
+    "wan22_t2v_a14b_long_4step.json": a14b_long("t2v", (1.0, 1.0), 5.0, 0.875,
+                                                "Wan 2.2 T2V-A14B, long video (4 steps, Lightning LoRAs)", distilled=True),
+    "wan22_i2v_a14b_long_4step.json": a14b_long("i2v", (1.0, 1.0), 5.0, 0.9,
+                                                "Wan 2.2 I2V-A14B, long video (4 steps, Lightning LoRAs)", distilled=True),
     "wan22_ti2v_5b_t2v.json": ti2v(False),
     "wan22_ti2v_5b_i2v.json": ti2v(True),
     "wan22_s2v.json": s2v("Wan 2.2 S2V-14B (image + speech, one clip)"),
