@@ -1,6 +1,7 @@
 """The pack against the official Wan 2.2 code (tests/official.py) run on the CPU, device cpu standing in for cuda:
 the official generate() functions with stub models that record what they are given (the noise, the image fed to
 the VAE), compared with the pack's seed_mode / sizing "official"."""
+import importlib.machinery
 import sys
 import types
 
@@ -79,6 +80,7 @@ def stub_video_modules():
     for name in ("decord", "librosa"):
         if name not in sys.modules:
             module = types.ModuleType(name)
+            module.__spec__ = importlib.machinery.ModuleSpec(name, None)  # diffusers asks find_spec about librosa
             module.VideoReader = module.load = None
             sys.modules[name] = module
 
@@ -110,3 +112,45 @@ def test_official_s2v_pixels_match_the_official_pil_path(size, area):
     assert mine.shape == ref.shape == (3, th, tw)
     diff = (mine - ref).abs() * 127.5  # in 8-bit levels
     assert diff.max() <= 2 and diff.mean() < 0.25, (diff.max().item(), diff.mean().item())
+
+
+class S2VStubVAE:
+    """Zero latents/videos of the right shapes for the official speech2video loop (dtype/device as it reads them)."""
+    dtype, device = torch.bfloat16, torch.device("cpu")
+
+    def encode(self, videos):
+        return [torch.zeros(16, (v.shape[1] - 1) // 4 + 1, v.shape[2] // 8, v.shape[3] // 8) for v in videos]
+
+    def decode(self, latents):
+        return [torch.zeros(3, (z.shape[1] - 1) * 4 + 1, z.shape[2] * 8, z.shape[3] * 8) for z in latents]
+
+
+@pytest.mark.parametrize("seed", [7, 2**64 - 1])
+def test_official_seed_mode_draws_the_official_s2v_noise_per_clip(seed, tmp_path):
+    """The official speech2video generate(), 2 clips of 80 frames, 1 step, cfg 1, its DiT a stub that records what
+    it is given: clip r's noise (bfloat16, torch.Generator(device) seeded seed + r) equals what the pack's S2V draws
+    in seed_mode official (wan_core.s2v_pipeline: initial_noise(..., seed + clip, "official", device, bfloat16)).
+    The official code overflows at seed + 1 = 2^64 (the pack wraps), so the second seed checks clip 0 only."""
+    from PIL import Image
+    from wan_core.s2v_pipeline import LATENTS_PER_CLIP
+    stub_video_modules()
+    s2v = official("speech2video").WanS2V
+    Image.new("RGB", (64, 64), (90, 120, 30)).save(tmp_path / "ref.png")
+    seen = []
+
+    def noise_model(x, t=None, **_):
+        seen.append(x[0].clone())
+        return [torch.zeros_like(x[0])]
+    obj = object.__new__(s2v)
+    obj.__dict__.update(device=torch.device("cpu"), param_dtype=torch.bfloat16, motion_frames=73, drop_first_motion=True,
+                        fps=16, sample_neg_prompt="", t5_cpu=True, text_encoder=lambda texts, device: [torch.zeros(3, 8)],
+                        vae=S2VStubVAE(), encode_audio=lambda path, infer_frames: (torch.zeros(1, 8, 2 * infer_frames), 2),
+                        noise_model=noise_model, num_train_timesteps=1000, init_on_cpu=False, rank=0)
+    clips = 2 if seed + 1 < 2**63 else 1
+    obj.generate("p", str(tmp_path / "ref.png"), "speech.wav", False, None, None, None, num_repeat=clips,
+                 max_area=64 * 64, sampling_steps=1, guide_scale=1.0, seed=seed, offload_model=False)
+    assert len(seen) == clips
+    for clip, noise in enumerate(seen):
+        assert noise.dtype == torch.bfloat16 and noise.shape == (16, LATENTS_PER_CLIP, 8, 8)
+        mine = initial_noise((1, 16, LATENTS_PER_CLIP, 8, 8), seed + clip, "official", "cpu", torch.bfloat16)
+        assert torch.equal(mine[0], noise.float()), clip
