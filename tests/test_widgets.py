@@ -38,6 +38,7 @@ FILE_EXTS = MODEL_EXTS + (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".png", ".jpg
 RUNS, REFUSED, EITHER = "runs", "refused", "either"
 # inputs that cost time or memory as they grow, and their cheapest value ("min": the widget's own minimum)
 CHEAP = {"width": "min", "height": "min", "length": "min", "steps": "min", "max_clips": 1}
+LONGEST_CLIP = 1025  # Wan Long Video's clip_length max
 SHARED = ("width", "height", "length")  # must agree along a graph (Wan Image To Video and the sampler after it)
 # error texts of Python and torch that no user should have to read
 RAW = ("Traceback", "invalid literal", "has no attribute", "unpack", "cannot be multiplied", "size of tensor",
@@ -83,6 +84,9 @@ EXPECT = {
     # the video's size then follows the start image: the sampler's fixed size is refused naming the fix (wire Wan
     # Image To Video's width/height outputs); tests/test_official.py checks official sizing against the official code
     ("WanLeanImageToVideo", "sizing", "official"): EITHER,
+    # 100000 frames are no whole number of clips at any clip_length and overlap (both 1 + 4k): refused, naming the
+    # nearest valid lengths
+    ("WanLeanLongVideo", "length", "max"): REFUSED,
 }
 # values that take minutes on 2 CPU cores (each S2V branch renders an 80-frame clip; several clips, 200 steps; a
 # 1025-frame I2V encode): opt-in, test_costly_widget_values (-m slow). The default run keeps S2V's options and seeds.
@@ -143,7 +147,22 @@ def settings(spec, name, value):
     if name in CHEAP:
         sets.update({peer: opts[peer]["min"] if cheap == "min" else cheap for peer, cheap in CHEAP.items()
                      if peer != name and peer in opts})
+    if "clip_length" in opts:  # Wan Long Video: a length, clip_length and overlap that make whole clips
+        sets.update(clip_trio(name, sets))
     return sets
+
+
+def clip_trio(name, sets):
+    """Wan Long Video's length / clip_length / overlap around the one tried, at the fewest frames: one clip of
+    `length` (or of `clip_length`), or two clips of overlap + 4 frames when the overlap is tried. A length past the
+    longest clip keeps the base graph's 13-frame clips (whole clips or refused, EXPECT says which)."""
+    if name == "overlap":
+        return {"clip_length": sets["overlap"] + 4, "length": sets["overlap"] + 8}
+    if name == "clip_length":
+        return {"length": sets["clip_length"], "overlap": 1}
+    if "length" in sets and sets["length"] <= LONGEST_CLIP:
+        return {"clip_length": sets["length"], "overlap": 1}
+    return {}
 
 
 def downstream(api, node_id):
