@@ -75,3 +75,29 @@ def cpu_patches(*modules):
         for m, f in saved:
             m.flash_attention = f
         torch.cuda.current_device = current
+
+
+def official_sample(solver, steps, shift, model, x):
+    """The official sampling loop (text2video / speech2video generate(), CFG left to `model`): the scheduler set up
+    as there (unipc: FlowUniPCMultistepScheduler(shift=1).set_timesteps(steps, shift=shift); dpm++:
+    FlowDPMSolverMultistepScheduler(shift=1) with retrieve_timesteps(sigmas=get_sampling_sigmas(steps, shift))),
+    then latents = scheduler.step(model(latents, t), t, latents) per timestep.
+    Returns (final latents, timesteps, scheduler sigmas, the timesteps the model was shown)."""
+    kwargs = dict(num_train_timesteps=1000, shift=1, use_dynamic_shifting=False)
+    if solver == "unipc":
+        scheduler = official("utils.fm_solvers_unipc").FlowUniPCMultistepScheduler(**kwargs)
+        scheduler.set_timesteps(steps, device="cpu", shift=shift)
+        timesteps = scheduler.timesteps
+    elif solver == "dpm++":
+        dpm = official("utils.fm_solvers")
+        scheduler = dpm.FlowDPMSolverMultistepScheduler(**kwargs)
+        timesteps, _ = dpm.retrieve_timesteps(scheduler, device="cpu", sigmas=dpm.get_sampling_sigmas(steps, shift))
+    else:
+        raise ValueError(f"the official code has no {solver!r} solver")
+    generator = torch.Generator().manual_seed(0)
+    latents, shown = x.clone(), []
+    for t in timesteps:
+        shown.append(int(t))
+        v = model(latents, torch.stack([t]))
+        latents = scheduler.step(v, t, latents, return_dict=False, generator=generator)[0]
+    return latents, timesteps, scheduler.sigmas, shown
