@@ -101,3 +101,29 @@ def official_sample(solver, steps, shift, model, x):
         v = model(latents, torch.stack([t]))
         latents = scheduler.step(v, t, latents, return_dict=False, generator=generator)[0]
     return latents, timesteps, scheduler.sigmas, shown
+
+
+# the Wan2.2-S2V-14B transformer config (wan/configs/wan_s2v_14B.py) less its sizes
+S2V_FLAGS = dict(enable_adain=True, adain_mode="attn_norm", zero_init=True, zero_timestep=True, enable_motioner=False,
+                 add_last_motion=True, enable_tsm=False, enable_framepack=True, framepack_drop_mode="padd", cond_dim=16,
+                 patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
+
+
+def official_s2v_model(**sizes):
+    """The official WanModel_S2V built with the S2V-14B flags at the given sizes (dim, ffn_dim, num_heads,
+    num_layers, freq_dim, text_dim, audio_dim, audio_inject_layers), fp32, eval."""
+    module = official("modules.s2v.model_s2v")
+    with cpu_patches():
+        return module.WanModel_S2V(**S2V_FLAGS, **sizes).eval()
+
+
+def run_official_s2v(model, x, t, context, ref_latent, motion_latent, pose_latent, audio, drop_motion=False):
+    """One official S2V forward as speech2video.generate() makes it (batch 1): x [16, F, H, W], t [1], context
+    [L, text_dim] (unpadded), ref_latent [1, 16, 1, H, W], motion_latent [1, 16, 19, H, W] (always given; clip 0 of the
+    official loop drops it with drop_motion_frames), pose_latent [1, 16, F, H, W] (zeros without a pose video), audio
+    [1, 25, C, 4F] (this clip's window); motion_frames [73, 19]. Returns [16, F, H, W]."""
+    with torch.no_grad(), cpu_patches(official("modules.model"), official("modules.s2v.model_s2v")):
+        out = model([x], t=t, context=[context], seq_len=None, ref_latents=ref_latent, motion_latents=motion_latent,
+                     cond_states=pose_latent, audio_input=audio, motion_frames=[73, 19],
+                     drop_motion_frames=drop_motion)
+    return out[0]
