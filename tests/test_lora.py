@@ -301,18 +301,18 @@ def test_loader_node_reports_and_refuses(tmp_path, caplog):
     save_file(lora, str(tmp_path / "mixed.safetensors"))
     flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9, 4)}
     save_file(flux, str(tmp_path / "flux.safetensors"))
-    node = lora_mod.WanLeanLoraLoader()
+    node = lora_mod.WanLeanLoraLoader
     spec = node.INPUT_TYPES()["required"]
     assert all("tooltip" in opts for _, opts in spec.values())
     assert spec["strength"][1]["default"] == 1.0 and (spec["strength"][1]["min"], spec["strength"][1]["max"]) == (-10, 10)
-    assert node.load(handle, "mixed.safetensors", 0.0)[0] is handle
+    assert node.execute(handle, "mixed.safetensors", 0.0)[0] is handle
     with caplog.at_level(logging.WARNING):
-        out, = node.load(handle, "mixed.safetensors", 1.0)
+        out, = node.execute(handle, "mixed.safetensors", 1.0)
     assert "1 keys unmatched (e.g. lora_te_text_model_encoder_layers_0_mlp_fc1" in caplog.text
     assert out.patcher is not handle.patcher and out.patcher.model is model and len(out.patcher.patches) == n_patches
     assert not handle.patcher.patches, "the input model was changed"
     with pytest.raises(ValueError, match="no key of 'flux.safetensors' matched this model: it is a LoRA for another model"):
-        node.load(handle, "flux.safetensors", 1.0)
+        node.execute(handle, "flux.safetensors", 1.0)
 
 
 # ---- through a real ComfyUI server -------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, run_workflow  # noqa: F401  (run_workflow: the harness the other server tests use)
+from conftest import ROOT
 from media import assert_real_video, probe
 from workflow_api import ui_to_api
 
