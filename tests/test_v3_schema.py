@@ -98,3 +98,26 @@ def test_saved_workflow_uses_non_default_values(name):
         spec = {**info[entry["class_type"]]["input"]["required"], **info[entry["class_type"]]["input"].get("optional", {})}
         changed = [k for k, v in entry["inputs"].items() if not isinstance(v, list) and v != spec[k][1].get("default")]
         assert changed, entry
+
+
+def test_pack_registers_each_node_once_through_comfy_entrypoint(server):
+    """Imported as ComfyUI imports a custom node folder, the pack offers only the V3 entry point (ComfyUI takes
+    NODE_CLASS_MAPPINGS first when both exist and would never call it); its extension lists every node once, each
+    with a valid schema, and the server logged no complaint about the entry point."""
+    import asyncio
+    import importlib.util
+    import sys
+
+    from conftest import import_comfy
+    import_comfy()
+    import folder_paths  # noqa: F401  (the pack registers its nodes only when ComfyUI is there)
+    name = "wanlean_entrypoint_pack"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules[name] = pack
+    spec.loader.exec_module(pack)
+    assert not hasattr(pack, "NODE_CLASS_MAPPINGS") and callable(pack.comfy_entrypoint)
+    nodes = asyncio.run(asyncio.run(pack.comfy_entrypoint()).get_node_list())
+    ids = [node.GET_SCHEMA().node_id for node in nodes]
+    assert sorted(ids) == sorted(load("object_info_v1.json")) and len(set(ids)) == len(ids)
+    assert "comfy_entrypoint" not in server.log_text()
