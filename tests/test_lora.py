@@ -19,6 +19,7 @@ from media import assert_real_video
 from wan_core.dit import WanDiT
 from wan_core.lora import LORA_FORMATS, diffusers_name, match_lora, merge_lora, smoke_lora, write_smoke_lora
 from wan_core.smoke import randomize_
+from workflow_api import combo_options
 
 TINY = dict(dim=128, ffn_dim=256, num_layers=2, text_dim=32, in_dim=36, clip_dim=32)  # I2V: every module kind
 CPU = torch.device("cpu")
@@ -350,7 +351,7 @@ def t2v_frames(server, loras=()):
 
 def test_stacked_lora_nodes_through_server(smoke_loras, server):
     info = server.object_info()["WanLeanLoraLoader"]
-    assert set(smoke_loras) <= set(info["input"]["required"]["lora_name"][0])
+    assert set(smoke_loras) <= set(combo_options(info["input"]["required"]["lora_name"]))
     plain = t2v_frames(server)
     stacked = t2v_frames(server, [(smoke_loras[0], 1.0), (smoke_loras[1], 0.8)])
     assert stacked.shape == plain.shape == (5, 64, 128, 3)

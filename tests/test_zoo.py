@@ -34,6 +34,7 @@ from wan_core.tokenizer import UMT5Tokenizer
 from wan_core.vae import WanVAE21
 from wan_core.vae22 import WanVAE22
 from wan_core.wav2vec2 import Wav2Vec2
+from workflow_api import combo_options
 
 import zoo
 
@@ -239,7 +240,7 @@ def server_graph():
 def test_zoo_rows_through_server(zoo_dir, server):
     from safetensors.torch import load_file
     zoo.write_zoo(zoo_dir, [r for r in zoo.ZOO if r.server])
-    listed = server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"][0]
+    listed = combo_options(server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"])
     assert {r.path for r in zoo.ZOO if r.server and r.folder == "diffusion_models"} <= set(listed)
     api, pairs = server_graph()
     entry = server.run(api)
