@@ -10,10 +10,17 @@ import comfy.model_patcher
 import comfy.ops
 import comfy.utils
 import latent_preview
+from comfy_api.latest import io
 
 from ..wan_core.pipeline import preview_frame
 
 CATEGORY = "Wan Lean"
+# The pack's own socket types: handles of core models that native types cannot carry
+WanLeanModel = io.Custom("WANLEAN_MODEL")
+WanLeanVAE = io.Custom("WANLEAN_VAE")
+WanLeanTextEncoder = io.Custom("WANLEAN_TEXT_ENCODER")
+WanLeanCLIPVision = io.Custom("WANLEAN_CLIP_VISION")
+WanLeanAudioEncoder = io.Custom("WANLEAN_AUDIO_ENCODER")
 # Memory estimates handed to ComfyUI are the measured peak times a stated margin over run-to-run noise (allocator,
 # thread pools: a 64x64 VAE encode measured 73 MiB once, 71 typically): 25% for the VAE's encode and decode (measured
 # per pixel at small sizes, where the noise is largest), 15% for the sampler's activations (an analytic count that
@@ -62,6 +69,24 @@ class Handle:
         Only this model is asked for, so models used one after the other (A14B experts) take turns."""
         mm.load_models_gpu([self.patcher], memory_required=memory_required)
         return self.patcher.model
+
+
+class WanLeanNode(io.ComfyNode):
+    """Base of the pack's V3 nodes: `schema` builds the declaration, `node_id` reads the node's id for progress bars
+    and previews from the hidden inputs ComfyUI hands the node (None when the node is called outside ComfyUI's
+    executor, e.g. in-process tests)."""
+    hidden = io.HiddenHolder.from_dict({})
+
+    @classmethod
+    def schema(cls, node_id, display_name, description, inputs, outputs=(), progress=False, output_node=False):
+        """The node's io.Schema in the pack's category; progress=True asks for the hidden unique_id."""
+        return io.Schema(node_id=node_id, display_name=display_name, category=CATEGORY, description=description,
+                         inputs=list(inputs), outputs=list(outputs), is_output_node=output_node,
+                         hidden=[io.Hidden.unique_id] if progress else None)
+
+    @classmethod
+    def node_id(cls):
+        return cls.hidden.unique_id
 
 
 # latent channels -> ComfyUI's latent format of that VAE family (its latent-to-RGB factors, its tiny decoder's name)

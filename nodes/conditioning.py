@@ -1,11 +1,13 @@
 """Text encoding: prompt and negative prompt through umT5 into native CONDITIONING."""
 import torch
 
+from comfy_api.latest import io
+
 from ..wan_core.checks import ENCODER_CAUSE, check_finite
 from ..wan_core.pipeline import pad_context
 from ..wan_core.t5 import encode_text
 from ..wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT
-from .common import CATEGORY
+from .common import WanLeanNode, WanLeanTextEncoder
 
 EXAMPLE_PROMPT = ("Two anthropomorphic cats in comfy boxing gear and bright gloves fight intensely "
                   "on a spotlighted stage.")
@@ -31,27 +33,22 @@ def encode_prompts(text_encoder, prompts):
     return [f.float().cpu() for f in feats]
 
 
-class WanLeanTextEncode:
-    DESCRIPTION = ("Encodes a prompt and a negative prompt with umT5 (prompts cleaned and padded to 512 tokens as the "
-                   "official release does). English and Chinese both work.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING")
-    RETURN_NAMES = ("positive", "negative")
-    FUNCTION = "encode"
+class WanLeanTextEncode(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanTextEncode", "Wan Text Encode", (
+            "Encodes a prompt and a negative prompt with umT5 (prompts cleaned and padded to 512 tokens as the "
+            "official release does). English and Chinese both work."), [
+            WanLeanTextEncoder.Input("text_encoder", tooltip="From Wan Load Text Encoder."),
+            io.String.Input("prompt", multiline=True, default=EXAMPLE_PROMPT, tooltip="What the video shows."),
+            io.String.Input("negative_prompt", multiline=True, default=OFFICIAL_NEGATIVE_PROMPT,
+                            tooltip="What to steer away from; the default is the official Wan negative prompt."),
+        ], [io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "text_encoder": ("WANLEAN_TEXT_ENCODER", {"tooltip": "From Wan Load Text Encoder."}),
-            "prompt": ("STRING", {"multiline": True, "default": EXAMPLE_PROMPT, "tooltip": "What the video shows."}),
-            "negative_prompt": ("STRING", {"multiline": True, "default": OFFICIAL_NEGATIVE_PROMPT,
-                                           "tooltip": "What to steer away from; the default is the official Wan negative prompt."}),
-        }}
-
-    def encode(self, text_encoder, prompt, negative_prompt):
+    def execute(cls, text_encoder, prompt, negative_prompt):
         pos, neg = encode_prompts(text_encoder, [prompt, negative_prompt])
-        return ([[pad_context(pos), {}]], [[pad_context(neg), {}]])
+        return io.NodeOutput([[pad_context(pos), {}]], [[pad_context(neg), {}]])
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanTextEncode": WanLeanTextEncode}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanTextEncode": "Wan Text Encode"}
+NODES = [WanLeanTextEncode]

@@ -5,10 +5,11 @@ import torch
 
 import comfy.model_management as mm
 import comfy.utils
+from comfy_api.latest import io
 
 from ..wan_core.checks import VAE_CAUSE, check_finite
 from ..wan_core.tiling import decode_retrying, free_memory
-from .common import CATEGORY, MARGIN
+from .common import MARGIN, WanLeanNode, WanLeanVAE
 
 TILINGS = ["auto", "off", "64", "48", "32", "24"]
 
@@ -41,27 +42,23 @@ def encode_memory(shape, dtype, stride=8):
     return int(MARGIN * (pixels * size * (ENCODE_VALUES[stride] + 3 * shape[2]) + ENCODE_WEIGHT_COPY[stride]))
 
 
-class WanLeanVAEDecode:
-    DESCRIPTION = ("Decodes a Wan video latent into frames, one latent frame at a time with the causal frame cache; "
-                   "large videos are decoded in spatial tiles blended over their overlap (chosen from free memory, or "
-                   "by hand); an out-of-memory decode is retried once with smaller tiles.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "decode"
+class WanLeanVAEDecode(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanVAEDecode", "Wan VAE Decode", (
+            "Decodes a Wan video latent into frames, one latent frame at a time with the causal frame cache; large "
+            "videos are decoded in spatial tiles blended over their overlap (chosen from free memory, or by hand); an "
+            "out-of-memory decode is retried once with smaller tiles."), [
+            WanLeanVAE.Input("vae", tooltip="From Wan Load VAE."),
+            io.Latent.Input("latent", tooltip="The video latent from Wan Sampler."),
+            io.Combo.Input("tiling", options=TILINGS, default="auto", optional=True, tooltip=(
+                "Spatial tiles in latent pixels (8 or 16 image pixels each), blended over 8 latents of overlap: auto "
+                "= only when the untiled decode would not fit in free memory; off = never (an out-of-memory is still "
+                "retried tiled).")),
+        ], [io.Image.Output(display_name="frames")], progress=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "vae": ("WANLEAN_VAE", {"tooltip": "From Wan Load VAE."}),
-            "latent": ("LATENT", {"tooltip": "The video latent from Wan Sampler."}),
-        }, "optional": {
-            "tiling": (TILINGS, {"default": "auto", "tooltip": "Spatial tiles in latent pixels (8 or 16 image pixels "
-                                 "each), blended over 8 latents of overlap: auto = only when the untiled decode would "
-                                 "not fit in free memory; off = never (an out-of-memory is still retried tiled)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    def decode(self, vae, latent, tiling="auto", node_id=None):
+    def execute(cls, vae, latent, tiling="auto"):
         z = latent["samples"]
         if z.ndim != 5 or z.shape[1] != vae.patcher.model.z_dim:
             raise ValueError(f"latent of shape {tuple(z.shape)} does not fit this VAE ({vae.patcher.model.z_dim} channels): "
@@ -69,7 +66,7 @@ class WanLeanVAEDecode:
                              "the Wan 2.2 VAE for 48: TI2V-5B)")
         check_finite(z, "the latent", "the sampler that made it failed, or the latent file is damaged")
         model = vae.load(decode_memory(z.shape, vae.dtype, vae.patcher.model.STRIDE))
-        bar = comfy.utils.ProgressBar(z.shape[2], node_id=node_id)
+        bar = comfy.utils.ProgressBar(z.shape[2], node_id=cls.node_id())
 
         def progress(done, total):
             mm.throw_exception_if_processing_interrupted()
@@ -85,8 +82,7 @@ class WanLeanVAEDecode:
             video = decode_retrying(model, z, tile, 8, progress, on_oom, free_memory(z.device) if tile == "auto" else None)
         check_finite(video, "the decoded video", VAE_CAUSE)
         frames = (video.float().clamp(-1, 1) + 1) / 2  # [B, 3, T, H, W]
-        return (frames.permute(0, 2, 3, 4, 1).flatten(0, 1).to(mm.intermediate_device()),)
+        return io.NodeOutput(frames.permute(0, 2, 3, 4, 1).flatten(0, 1).to(mm.intermediate_device()))
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanVAEDecode": WanLeanVAEDecode}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanVAEDecode": "Wan VAE Decode"}
+NODES = [WanLeanVAEDecode]

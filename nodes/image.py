@@ -5,50 +5,48 @@ import comfy.clip_vision
 import comfy.model_management as mm
 import folder_paths
 import node_helpers
+from comfy_api.latest import io
 
 from ..wan_core.checkpoint import read_file
 from ..wan_core.checks import ENCODER_CAUSE, VAE_CAUSE, check_finite
 from ..wan_core.clip import WanCLIPVision
 from ..wan_core.conditioning import SIZINGS, clip_tokens, image_latents, official_i2v_size, to_pixels
 from ..wan_core.pipeline import check_video_size, spatial_stride
-from .common import CATEGORY, Handle, casting_ops, compute_dtype
+from .common import Handle, WanLeanCLIPVision, WanLeanNode, WanLeanVAE, casting_ops, compute_dtype
 from .decode import encode_memory
 
 
-class WanLeanCLIPVisionLoader:
-    DESCRIPTION = ("Loads the CLIP ViT-H/14 image encoder of Wan 2.1 I2V/FLF2V (ComfyUI's clip_vision_h.safetensors or the "
-                   "official models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth). Wan 2.2 models use no CLIP.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("WANLEAN_CLIP_VISION",)
-    RETURN_NAMES = ("clip_vision",)
-    FUNCTION = "load"
+class WanLeanCLIPVisionLoader(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanCLIPVisionLoader", "Wan Load CLIP Vision", (
+            "Loads the CLIP ViT-H/14 image encoder of Wan 2.1 I2V/FLF2V (ComfyUI's clip_vision_h.safetensors or the "
+            "official models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth). Wan 2.2 models use no CLIP."), [
+            io.Combo.Input("clip_name", options=folder_paths.get_filename_list("clip_vision"),
+                           tooltip="The CLIP vision model from models/clip_vision."),
+        ], [WanLeanCLIPVision.Output(display_name="clip_vision")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_name": (folder_paths.get_filename_list("clip_vision"),
-                                           {"tooltip": "The CLIP vision model from models/clip_vision."})}}
-
-    def load(self, clip_name):
+    def execute(cls, clip_name):
         sd = read_file(folder_paths.get_full_path_or_raise("clip_vision", clip_name))
         model = WanCLIPVision.from_state_dict(sd, ops=casting_ops())
         device = mm.text_encoder_device()
-        return (Handle.wrap(model, device, mm.text_encoder_offload_device(), compute_dtype(device, fp16_ok=False)),)
+        return io.NodeOutput(Handle.wrap(model, device, mm.text_encoder_offload_device(),
+                                         compute_dtype(device, fp16_ok=False)))
 
 
-class WanLeanCLIPVisionEncode:
-    DESCRIPTION = ("Encodes an image into the CLIP tokens Wan 2.1 I2V/FLF2V attend to (second-to-last block, 257 x 1280). "
-                   "The output is ComfyUI's CLIP_VISION_OUTPUT, so the built-in CLIP Vision Encode works too.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CLIP_VISION_OUTPUT",)
-    RETURN_NAMES = ("clip_vision_output",)
-    FUNCTION = "encode"
+class WanLeanCLIPVisionEncode(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanCLIPVisionEncode", "Wan CLIP Vision Encode", (
+            "Encodes an image into the CLIP tokens Wan 2.1 I2V/FLF2V attend to (second-to-last block, 257 x 1280). "
+            "The output is ComfyUI's CLIP_VISION_OUTPUT, so the built-in CLIP Vision Encode works too."), [
+            WanLeanCLIPVision.Input("clip_vision", tooltip="From Wan Load CLIP Vision."),
+            io.Image.Input("image", tooltip="The image to encode (any size; resized to 224)."),
+        ], [io.ClipVisionOutput.Output(display_name="clip_vision_output")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"clip_vision": ("WANLEAN_CLIP_VISION", {"tooltip": "From Wan Load CLIP Vision."}),
-                             "image": ("IMAGE", {"tooltip": "The image to encode (any size; resized to 224)."})}}
-
-    def encode(self, clip_vision, image):
+    def execute(cls, clip_vision, image):
         pixels = to_pixels(image, "image")
         model = clip_vision.load()
         with torch.no_grad():
@@ -56,7 +54,7 @@ class WanLeanCLIPVisionEncode:
                                   ENCODER_CAUSE)
         out = comfy.clip_vision.Output()
         out["penultimate_hidden_states"] = tokens.to(mm.intermediate_device())
-        return (out,)
+        return io.NodeOutput(out)
 
 
 def _tokens(output, name):
@@ -69,39 +67,45 @@ def _tokens(output, name):
     return tokens
 
 
-class WanLeanImageToVideo:
-    DESCRIPTION = ("Adds image conditioning to the prompt: Wan 2.1 I2V (start image + CLIP), FLF2V (start and end images, "
-                   "both CLIP encodings), Wan 2.2 I2V-A14B (start image, no CLIP) or TI2V-5B (start image, Wan 2.2 VAE). "
-                   "Use the same width, height and length on the sampler (with sizing: official, wire the width and "
-                   "height outputs to it).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("CONDITIONING", "CONDITIONING", "INT", "INT")
-    RETURN_NAMES = ("positive", "negative", "width", "height")
-    FUNCTION = "apply"
+def frame_inputs():
+    """Width, height and length of the conditioning, which the sampler after it must share."""
+    return [io.Int.Input("width", default=832, min=16, max=4096, step=16, tooltip="Must match the sampler."),
+            io.Int.Input("height", default=480, min=16, max=4096, step=16, tooltip="Must match the sampler."),
+            io.Int.Input("length", default=81, min=1, max=1025, step=4, tooltip="Frames, 1+4k; must match the sampler.")]
+
+
+def clip_vision_inputs(start_tooltip, end_tooltip="FLF2V: CLIP encoding of the end image."):
+    """The optional CLIP encodings of the start and end images (Wan 2.1 I2V / FLF2V)."""
+    return [io.ClipVisionOutput.Input("clip_vision_start", optional=True, tooltip=start_tooltip),
+            io.ClipVisionOutput.Input("clip_vision_end", optional=True, tooltip=end_tooltip)]
+
+
+class WanLeanImageToVideo(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanImageToVideo", "Wan Image To Video", (
+            "Adds image conditioning to the prompt: Wan 2.1 I2V (start image + CLIP), FLF2V (start and end images, "
+            "both CLIP encodings), Wan 2.2 I2V-A14B (start image, no CLIP) or TI2V-5B (start image, Wan 2.2 VAE). "
+            "Use the same width, height and length on the sampler (with sizing: official, wire the width and height "
+            "outputs to it)."), [
+            io.Conditioning.Input("positive", tooltip="From Wan Text Encode."),
+            io.Conditioning.Input("negative", tooltip="From Wan Text Encode."),
+            WanLeanVAE.Input("vae", tooltip="Wan 2.1 VAE (I2V, FLF2V, A14B) or Wan 2.2 VAE (TI2V-5B)."),
+            io.Image.Input("start_image", tooltip="The first frame; scaled to cover width x height and centre-cropped."),
+            *frame_inputs(),
+            io.Image.Input("end_image", optional=True, tooltip="FLF2V only: the last frame."),
+            *clip_vision_inputs("Wan 2.1 I2V/FLF2V: CLIP encoding of the start image."),
+            io.Combo.Input("sizing", options=list(SIZINGS), default="crop", optional=True, tooltip=(
+                "crop: scale the image to cover width x height and centre-crop (bicubic). official: as the official "
+                "image-to-video code (Wan 2.1 I2V/FLF2V, Wan 2.2 I2V-A14B): the video takes the image's aspect ratio "
+                "at about width x height pixels (sides multiples of 16), the image resized to it without cropping; "
+                "wire the width and height outputs to the sampler.")),
+        ], [io.Conditioning.Output(display_name="positive"), io.Conditioning.Output(display_name="negative"),
+            io.Int.Output(display_name="width"), io.Int.Output(display_name="height")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "positive": ("CONDITIONING", {"tooltip": "From Wan Text Encode."}),
-            "negative": ("CONDITIONING", {"tooltip": "From Wan Text Encode."}),
-            "vae": ("WANLEAN_VAE", {"tooltip": "Wan 2.1 VAE (I2V, FLF2V, A14B) or Wan 2.2 VAE (TI2V-5B)."}),
-            "start_image": ("IMAGE", {"tooltip": "The first frame; scaled to cover width x height and centre-cropped."}),
-            "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16, "tooltip": "Must match the sampler."}),
-            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Must match the sampler."}),
-            "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4, "tooltip": "Frames, 1+4k; must match the sampler."}),
-        }, "optional": {
-            "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last frame."}),
-            "clip_vision_start": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan 2.1 I2V/FLF2V: CLIP encoding of the start image."}),
-            "clip_vision_end": ("CLIP_VISION_OUTPUT", {"tooltip": "FLF2V: CLIP encoding of the end image."}),
-            "sizing": (list(SIZINGS), {"default": "crop", "tooltip": (
-                "crop: scale the image to cover width x height and centre-crop (bicubic). official: as the official "
-                "image-to-video code (Wan 2.1 I2V/FLF2V, Wan 2.2 I2V-A14B): the video takes the image's aspect ratio at "
-                "about width x height pixels (sides multiples of 16), the image resized to it without cropping; "
-                "wire the width and height outputs to the sampler.")}),
-        }}
-
-    def apply(self, positive, negative, vae, start_image, width, height, length, end_image=None,
-              clip_vision_start=None, clip_vision_end=None, sizing="crop"):
+    def execute(cls, positive, negative, vae, start_image, width, height, length, end_image=None,
+                clip_vision_start=None, clip_vision_end=None, sizing="crop"):
         check_video_size(width, height, length, 2 * spatial_stride(vae.patcher.model.z_dim))
         if clip_vision_end is not None and clip_vision_start is None:
             raise ValueError("clip_vision_end is connected but clip_vision_start is not: FLF2V needs the CLIP encodings "
@@ -124,17 +128,8 @@ class WanLeanImageToVideo:
         if start_tokens is not None:
             extras["wanlean_clip"] = clip_tokens(start_tokens, _tokens(clip_vision_end, "clip_vision_end"))
         extras = {k: v.float().cpu() for k, v in extras.items() if v is not None}
-        return (node_helpers.conditioning_set_values(positive, extras),
-                node_helpers.conditioning_set_values(negative, extras), out_w, out_h)
+        return io.NodeOutput(node_helpers.conditioning_set_values(positive, extras),
+                             node_helpers.conditioning_set_values(negative, extras), out_w, out_h)
 
 
-NODE_CLASS_MAPPINGS = {
-    "WanLeanCLIPVisionLoader": WanLeanCLIPVisionLoader,
-    "WanLeanCLIPVisionEncode": WanLeanCLIPVisionEncode,
-    "WanLeanImageToVideo": WanLeanImageToVideo,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WanLeanCLIPVisionLoader": "Wan Load CLIP Vision",
-    "WanLeanCLIPVisionEncode": "Wan CLIP Vision Encode",
-    "WanLeanImageToVideo": "Wan Image To Video",
-}
+NODES = [WanLeanCLIPVisionLoader, WanLeanCLIPVisionEncode, WanLeanImageToVideo]

@@ -3,85 +3,79 @@ frames (wan_core/long_video.py), decoding each clip as it is done and returning 
 import torch
 
 import comfy.model_management as mm
+from comfy_api.latest import io
 
 from ..wan_core.conditioning import clip_tokens, fit, to_pixels
 from ..wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, generate_long
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from ..wan_core.s2v import WanS2V
-from .common import CATEGORY, clips_step_callback
+from .common import WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback
 from .conditioning import encode_prompts
-from .image import _tokens
+from .image import _tokens, clip_vision_inputs
 from .s2v import VAEOnDevice
-from .sampler import cfg_widget, check_experts, check_memory, make_experts, to_cond, widgets
+from .sampler import (cfg_input, check_experts, check_memory, cond_inputs, low_noise_inputs, make_experts,
+                      sampling_inputs, to_cond)
 
 NODE = "Wan Long Video"
 
 
-def _inputs():
-    spec = widgets(40, cfg_widget("cfg", 5.0, " (A14B: of the high-noise expert)"), 5.0)
-    spec["length"] = ("INT", {"default": 233, "min": 5, "max": 100000, "step": 4, "tooltip":
-                              "Total frames: clip_length + (clips - 1) x (clip_length - overlap), e.g. 233 = 3 clips "
-                              "of 81 with overlap 5 (about 15 s at 16 fps). Other lengths are refused with the nearest "
-                              "valid ones."})
-    spec["clip_length"] = ("INT", {"default": 81, "min": 5, "max": 1025, "step": 4,
-                                   "tooltip": "Frames per clip, 1+4k (81 for Wan 2.1 / A14B, 121 for TI2V-5B)."})
-    spec["overlap"] = ("INT", {"default": 5, "min": 1, "max": 509, "step": 4, "tooltip":
-                               "Frames each clip shares with the one before (1+4j, under half a clip): the next clip "
-                               "starts from these last frames, and the two renderings of them are cross-faded. 1 "
-                               "carries only the picture, 5 or more also the motion."})
-    return spec
+def _video_inputs():
+    """The shared sampling inputs with the total length of the video, then the clips' length and overlap."""
+    length = io.Int.Input("length", default=233, min=5, max=100000, step=4, tooltip=(
+        "Total frames: clip_length + (clips - 1) x (clip_length - overlap), e.g. 233 = 3 clips of 81 with overlap 5 "
+        "(about 15 s at 16 fps). Other lengths are refused with the nearest valid ones."))
+    return [
+        *sampling_inputs(40, [cfg_input("cfg", 5.0, " (A14B: of the high-noise expert)")], 5.0, length),
+        io.Int.Input("clip_length", default=81, min=5, max=1025, step=4,
+                     tooltip="Frames per clip, 1+4k (81 for Wan 2.1 / A14B, 121 for TI2V-5B)."),
+        io.Int.Input("overlap", default=5, min=1, max=509, step=4, tooltip=(
+            "Frames each clip shares with the one before (1+4j, under half a clip): the next clip starts from these "
+            "last frames, and the two renderings of them are cross-faded. 1 carries only the picture, 5 or more also "
+            "the motion.")),
+    ]
 
 
-class WanLeanLongVideo:
-    DESCRIPTION = ("A long video in clips, each continuing from the last frames of the one before through the model's "
-                   "own image path (I2V / FLF2V / I2V-A14B: the I2V mask and latent of those frames; TI2V-5B: those "
-                   "latents at timestep 0; T2V: those latents held by inpainting). The shared frames are cross-faded; "
-                   "clip k uses seed + k; one prompt line per clip (optional). Returns the decoded frames.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("frames",)
-    FUNCTION = "generate"
+class WanLeanLongVideo(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanLongVideo", "Wan Long Video (clips chained)", (
+            "A long video in clips, each continuing from the last frames of the one before through the model's own "
+            "image path (I2V / FLF2V / I2V-A14B: the I2V mask and latent of those frames; TI2V-5B: those latents at "
+            "timestep 0; T2V: those latents held by inpainting). The shared frames are cross-faded; clip k uses seed "
+            "+ k; one prompt line per clip (optional). Returns the decoded frames."), [
+            WanLeanModel.Input("model", tooltip="Any Wan model but S2V (A14B: the high-noise expert)."),
+            WanLeanVAE.Input("vae", tooltip="The model family's VAE (Wan 2.2 VAE for TI2V-5B, else Wan 2.1)."),
+            *cond_inputs("Prompt features (Wan Text Encode): every clip's prompt unless prompts is set. Give images "
+                         "to this node, not through Wan Image To Video.", "Negative prompt features (Wan Text Encode)."),
+            *_video_inputs(),
+            io.Image.Input("start_image", optional=True, tooltip=(
+                "The first frame (needed by I2V / FLF2V / I2V-A14B; TI2V-5B and T2V start from it when given). Scaled "
+                "to cover the size, centre-cropped.")),
+            io.Image.Input("end_image", optional=True, tooltip="FLF2V only: the last clip ends on it."),
+            *clip_vision_inputs("Wan 2.1 I2V / FLF2V: CLIP encoding of the start image, kept for every clip as the "
+                                "identity anchor."),
+            *low_noise_inputs("Wan 2.2 A14B: the low-noise expert (`model` is then the high-noise one); ComfyUI loads "
+                              "one at a time.", "A14B: s"),
+            WanLeanTextEncoder.Input("text_encoder", optional=True, tooltip="Needed for prompts (Wan Load Text Encoder)."),
+            io.String.Input("prompts", multiline=True, default="", optional=True, tooltip=(
+                "One prompt per line, line k for clip k (the last line holds for the clips after it; more lines than "
+                "clips is refused). Empty: positive for every clip.")),
+        ], [io.Image.Output(display_name="frames")], progress=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("WANLEAN_MODEL", {"tooltip": "Any Wan model but S2V (A14B: the high-noise expert)."}),
-            "vae": ("WANLEAN_VAE", {"tooltip": "The model family's VAE (Wan 2.2 VAE for TI2V-5B, else Wan 2.1)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode): every clip's prompt unless "
-                                                     "prompts is set. Give images to this node, not through Wan Image To Video."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features (Wan Text Encode)."}),
-            **_inputs(),
-        }, "optional": {
-            "start_image": ("IMAGE", {"tooltip": "The first frame (needed by I2V / FLF2V / I2V-A14B; TI2V-5B and T2V "
-                                                 "start from it when given). Scaled to cover the size, centre-cropped."}),
-            "end_image": ("IMAGE", {"tooltip": "FLF2V only: the last clip ends on it."}),
-            "clip_vision_start": ("CLIP_VISION_OUTPUT", {"tooltip": "Wan 2.1 I2V / FLF2V: CLIP encoding of the start "
-                                                                    "image, kept for every clip as the identity anchor."}),
-            "clip_vision_end": ("CLIP_VISION_OUTPUT", {"tooltip": "FLF2V: CLIP encoding of the end image."}),
-            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "Wan 2.2 A14B: the low-noise expert (`model` is then the "
-                                                             "high-noise one); ComfyUI loads one at a time."}),
-            **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert (A14B only)"),
-            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005, "tooltip":
-                                   "A14B: switch to the low-noise expert below timestep boundary*1000 (official: "
-                                   "0.875 T2V, 0.900 I2V)."}),
-            "text_encoder": ("WANLEAN_TEXT_ENCODER", {"tooltip": "Needed for prompts (Wan Load Text Encoder)."}),
-            "prompts": ("STRING", {"multiline": True, "default": "", "tooltip":
-                                   "One prompt per line, line k for clip k (the last line holds for the clips after "
-                                   "it; more lines than clips is refused). Empty: positive for every clip."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    def generate(self, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-                 clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
-                 low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts="", node_id=None):
+    def execute(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+                clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
+                low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts=""):
         try:
-            return self._generate(model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height,
-                                  length, clip_length, overlap, start_image, end_image, clip_vision_start,
-                                  clip_vision_end, low_noise_model, cfg_low_noise, boundary, text_encoder, prompts,
-                                  node_id)
+            return io.NodeOutput(cls._generate(
+                model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, clip_length,
+                overlap, start_image, end_image, clip_vision_start, clip_vision_end, low_noise_model, cfg_low_noise,
+                boundary, text_encoder, prompts, cls.node_id()))
         except ValueError as e:
             raise ValueError(f"{NODE}: {e}") from e
 
-    def _generate(self, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+    @classmethod
+    def _generate(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                   clip_length, overlap, start_image, end_image, clip_vision_start, clip_vision_end, low_noise_model,
                   cfg_low_noise, boundary, text_encoder, prompts, node_id):
         net = model.patcher.model
@@ -101,8 +95,8 @@ class WanLeanLongVideo:
         check_experts([h for h, *_ in plan])
         shape = latent_shape(width, height, clip_length, channels)
         check_memory(model, shape)
-        job = self._job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width,
-                        height, clip_vision_start, clip_vision_end)
+        job = cls._job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width,
+                       height, clip_vision_start, clip_vision_end)
         total = clip_length + (clips - 1) * (clip_length - overlap)
         out = torch.empty(total, height, width, 3, dtype=torch.float32, device=mm.intermediate_device())
         frames = generate_long(make_experts(plan, shape), VAEOnDevice(vae), job, clips=clips,
@@ -114,7 +108,7 @@ class WanLeanLongVideo:
         for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
             out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
             done += chunk.shape[1]
-        return (out,)
+        return out
 
     @staticmethod
     def _job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width, height,
@@ -145,5 +139,4 @@ class WanLeanLongVideo:
                        tokens)
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanLongVideo": WanLeanLongVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanLongVideo": "Wan Long Video (clips chained)"}
+NODES = [WanLeanLongVideo]

@@ -8,10 +8,11 @@ import torch
 
 import comfy.weight_adapter
 import folder_paths
+from comfy_api.latest import io
 
 from ..wan_core.checkpoint import read_file
 from ..wan_core.lora import apply_patch, match_lora
-from .common import CATEGORY
+from .common import WanLeanNode, WanLeanModel
 
 
 def model_shapes(model):
@@ -44,31 +45,27 @@ def add_lora(patcher, patches, strength):
     return clone
 
 
-class WanLeanLoraLoader:
-    DESCRIPTION = ("Applies a LoRA to a Wan diffusion model through ComfyUI's patch mechanism (the loaded weights are "
-                   "never edited; unload restores them). Chain several to stack them. Reads official/ComfyUI, diffusers, "
-                   "kohya/musubi and lightx2v step-distillation LoRAs (with their diff / diff_b / norm patches); keys "
-                   "that match nothing are reported in the log.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("WANLEAN_MODEL",)
-    RETURN_NAMES = ("model",)
-    FUNCTION = "load"
+class WanLeanLoraLoader(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanLoraLoader", "Wan Load LoRA", (
+            "Applies a LoRA to a Wan diffusion model through ComfyUI's patch mechanism (the loaded weights are never "
+            "edited; unload restores them). Chain several to stack them. Reads official/ComfyUI, diffusers, "
+            "kohya/musubi and lightx2v step-distillation LoRAs (with their diff / diff_b / norm patches); keys that "
+            "match nothing are reported in the log."), [
+            WanLeanModel.Input("model", tooltip="The Wan diffusion model (from Wan Load Diffusion Model or another "
+                                            "Wan Load LoRA)."),
+            io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
+                           tooltip="A LoRA from models/loras trained for this Wan model (same family and size)."),
+            io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                           tooltip="How strongly the LoRA applies: 1 as trained, 0 switches it off, negative values "
+                                   "push the other way."),
+        ], [WanLeanModel.Output(display_name="model")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("WANLEAN_MODEL", {"tooltip": "The Wan diffusion model (from Wan Load Diffusion Model or another "
-                                                   "Wan Load LoRA)."}),
-            "lora_name": (folder_paths.get_filename_list("loras"),
-                          {"tooltip": "A LoRA from models/loras trained for this Wan model (same family and size)."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
-                                   "tooltip": "How strongly the LoRA applies: 1 as trained, 0 switches it off, "
-                                              "negative values push the other way."}),
-        }}
-
-    def load(self, model, lora_name, strength):
+    def execute(cls, model, lora_name, strength):
         if strength == 0:
-            return (model,)
+            return io.NodeOutput(model)
         lora_sd = read_file(folder_paths.get_full_path_or_raise("loras", lora_name))
         name = f"'{os.path.basename(lora_name)}'"
         try:
@@ -85,8 +82,7 @@ class WanLeanLoraLoader:
         if "source" in extra:  # recorded for processes that rebuild the model (multi-device workers)
             path = folder_paths.get_full_path_or_raise("loras", lora_name)
             extra["source"] = {**extra["source"], "loras": extra["source"]["loras"] + ((path, strength),)}
-        return (dataclasses.replace(model, patcher=patcher, extra=extra),)
+        return io.NodeOutput(dataclasses.replace(model, patcher=patcher, extra=extra))
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanLoraLoader": WanLeanLoraLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanLoraLoader": "Wan Load LoRA"}
+NODES = [WanLeanLoraLoader]

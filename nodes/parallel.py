@@ -17,6 +17,7 @@ import torch
 import comfy.model_management as mm
 import comfy.model_patcher
 from comfy.patcher_extension import CallbacksMP
+from comfy_api.latest import io
 
 # The workers are spawned processes that unpickle their job by module name: the pack's own package name exists
 # only inside ComfyUI, so the core is imported here under its top-level name from the pack's folder.
@@ -31,9 +32,10 @@ from wan_core.pipeline import Cond  # noqa: E402
 if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
     raise ImportError(f"another 'wan_core' package ({sys.modules['wan_core'].__file__}) shadows this pack's")
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
-from .common import CATEGORY, compute_dtype, step_callback
+from .common import WanLeanNode, WanLeanModel, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
-from .sampler import activation_memory, cfg_widget, check_experts, check_fit, passes, to_cond, widgets
+from .sampler import (activation_memory, cfg_input, check_experts, check_fit, cond_inputs, low_noise_inputs, passes,
+                      sampling_inputs, to_cond)
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -97,45 +99,34 @@ def model_source(handle, name="model"):
                           handle.patcher.model.attention_backend)
 
 
-class WanLeanParallelSampler:
-    DESCRIPTION = ("Samples a Wan video latent on several local devices at once: the video tokens are split across "
-                   "them (sequence parallel: Ulysses attention, or ring attention when the head count does not divide "
-                   "the device count), and with cfg_parallel the prompt and negative passes run on different halves. "
-                   "Each worker loads the model's file with its LoRAs and stays loaded for the next run with the same "
-                   "settings; /free (unload models) ends the workers. Wan 2.2 A14B: connect the high-noise expert as "
-                   "model and the low-noise one as low_noise_model (every worker then holds both).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    FUNCTION = "sample"
+class WanLeanParallelSampler(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanParallelSampler", "Wan Sampler (multi-GPU)", (
+            "Samples a Wan video latent on several local devices at once: the video tokens are split across them "
+            "(sequence parallel: Ulysses attention, or ring attention when the head count does not divide the device "
+            "count), and with cfg_parallel the prompt and negative passes run on different halves. Each worker loads "
+            "the model's file with its LoRAs and stays loaded for the next run with the same settings; /free (unload "
+            "models) ends the workers. Wan 2.2 A14B: connect the high-noise expert as model and the low-noise one as "
+            "low_noise_model (every worker then holds both)."), [
+            WanLeanModel.Input("model", tooltip="A Wan T2V/I2V/FLF2V/TI2V model from Wan Load Diffusion Model or Wan Load "
+                                            "LoRA; every worker loads its file and LoRAs (not GGUF)."),
+            *cond_inputs(),
+            *sampling_inputs(50, [cfg_input("cfg", 5.0, "")], 5.0),
+            io.String.Input("devices", default="cuda:all", tooltip="'cuda:all', a list such as 'cuda:0,cuda:1', or "
+                                                                   "'cpu:2' (CPU processes over gloo, for tests)."),
+            io.Boolean.Input("cfg_parallel", default=False, tooltip="Run the prompt and the negative pass on different "
+                                                                    "halves of the devices (even count)."),
+            io.Combo.Input("attention", options=list(ATTENTION_MODES), default="auto", tooltip=(
+                "auto: Ulysses when the head count divides the devices per pass, else ring; ring: always ring "
+                "attention.")),
+            *low_noise_inputs("Wan 2.2 A14B only: the low-noise expert; `model` is then the high-noise one and `cfg` "
+                              "its guidance.", "A14B only: s"),
+        ], [io.Latent.Output(display_name="latent")], progress=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("WANLEAN_MODEL", {"tooltip": "A Wan T2V/I2V/FLF2V/TI2V model from Wan Load Diffusion Model or "
-                                                   "Wan Load LoRA; every worker loads its file and LoRAs (not GGUF)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."}),
-            **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
-            "devices": ("STRING", {"default": "cuda:all", "tooltip": "'cuda:all', a list such as 'cuda:0,cuda:1', "
-                                                                    "or 'cpu:2' (CPU processes over gloo, for tests)."}),
-            "cfg_parallel": ("BOOLEAN", {"default": False, "tooltip": "Run the prompt and the negative pass on "
-                                                                      "different halves of the devices (even count)."}),
-            "attention": (list(ATTENTION_MODES), {"default": "auto", "tooltip": "auto: Ulysses when the head count "
-                                                                               "divides the devices per pass, else "
-                                                                               "ring; ring: always ring attention."}),
-        }, "optional": {
-            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "Wan 2.2 A14B only: the low-noise expert; `model` is then "
-                                                             "the high-noise one and `cfg` its guidance."}),
-            **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert (A14B only)"),
-            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
-                                   "tooltip": "A14B only: switch to the low-noise expert below timestep "
-                                              "boundary*1000 (official: 0.875 T2V, 0.900 I2V)."}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-               devices, cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875,
-               node_id=None):
+    def execute(cls, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, devices,
+                cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875):
         devices = check_devices(parse_devices(devices), devices)
         check_layout(len(devices), cfg_parallel, attention, model.patcher.model.dim // HEAD_DIM)
         device = torch.device(devices[0])
@@ -158,11 +149,10 @@ class WanLeanParallelSampler:
         act = activation_memory(net, shape, dtype, batch)
         pool = get_pool(factory, devices, cfg_parallel, attention, weights + act // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device
-        step = step_callback(steps, node_id, net.out_dim, here)  # progress bar, interrupts, previews
+        step = step_callback(steps, cls.node_id(), net.out_dim, here)  # progress bar, interrupts, previews
         latent = pool.run(sample_job, spec, poll=mm.throw_exception_if_processing_interrupted,
                           progress=lambda i, n, x0: step(i, n, None, x0.to(here)))
-        return ({"samples": latent},)
+        return io.NodeOutput({"samples": latent})
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanParallelSampler": WanLeanParallelSampler}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanParallelSampler": "Wan Sampler (multi-GPU)"}
+NODES = [WanLeanParallelSampler]

@@ -9,6 +9,7 @@ import torch
 
 import comfy.model_management as mm
 import folder_paths
+from comfy_api.latest import io
 
 from ..wan_core.audio import (SAMPLE_RATE, audio_buckets, clips_for, encode_for_clips, from_comfy_audio, load_audio,
                               prepare, readable_extensions, to_comfy_audio, trim_to_video, video_frames)
@@ -19,31 +20,31 @@ from ..wan_core.pipeline import check_video_size
 from ..wan_core.s2v import WanS2V
 from ..wan_core.s2v_pipeline import CLIP_FRAMES, S2VJob, fit_frames, generate_s2v, output_frames, pose_latents
 from ..wan_core.wav2vec2 import Wav2Vec2
-from .common import CATEGORY, Handle, casting_ops, clips_step_callback
+from .common import (Handle, WanLeanAudioEncoder, WanLeanModel, WanLeanNode, WanLeanVAE, casting_ops,
+                     clips_step_callback)
 from .decode import decode_memory, encode_memory
-from .sampler import SAMPLER, SEED_MODE, activation_memory, passes, to_cond
+from .sampler import (activation_memory, cond_inputs, passes, sampler_input, seed_input, seed_mode_input, shift_input,
+                      steps_input, to_cond)
 
 VIDEO_LENGTHS = ("audio", "whole clips")
 
 
-class WanLeanAudioEncoderLoader:
-    DESCRIPTION = ("Loads the wav2vec2 speech encoder S2V listens with (wav2vec2-large-xlsr-53-english; HF layout, with or "
-                   "without a wav2vec2. prefix, or ComfyUI's wav2vec2_large_english file).")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("WANLEAN_AUDIO_ENCODER",)
-    RETURN_NAMES = ("audio_encoder",)
-    FUNCTION = "load"
+class WanLeanAudioEncoderLoader(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanAudioEncoderLoader", "Wan Load Audio Encoder (wav2vec2)", (
+            "Loads the wav2vec2 speech encoder S2V listens with (wav2vec2-large-xlsr-53-english; HF layout, with or "
+            "without a wav2vec2. prefix, or ComfyUI's wav2vec2_large_english file)."), [
+            io.Combo.Input("audio_encoder_name", options=folder_paths.get_filename_list("audio_encoders"),
+                           tooltip="The wav2vec2 model from models/audio_encoders."),
+        ], [WanLeanAudioEncoder.Output(display_name="audio_encoder")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"audio_encoder_name": (folder_paths.get_filename_list("audio_encoders"),
-                                                    {"tooltip": "The wav2vec2 model from models/audio_encoders."})}}
-
-    def load(self, audio_encoder_name):
+    def execute(cls, audio_encoder_name):
         sd = read_file(folder_paths.get_full_path_or_raise("audio_encoders", audio_encoder_name))
         model = Wav2Vec2.from_state_dict(sd, ops=casting_ops())
         device = mm.text_encoder_device()
-        return (Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32),)
+        return io.NodeOutput(Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32))
 
 
 def file_fingerprint(path):
@@ -55,30 +56,28 @@ def file_fingerprint(path):
     return digest.hexdigest()
 
 
-class WanLeanLoadAudio:
-    DESCRIPTION = ("Reads an audio file from ComfyUI's input folder (soundfile) as AUDIO: wav, flac, ogg and, with "
-                   "libsndfile >= 1.1, mp3 (only what the installed libsndfile reads is listed; convert m4a/aac to one "
-                   "of those, or use ComfyUI's Load Audio). A file overwritten under the same name is read again.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("AUDIO",)
-    RETURN_NAMES = ("audio",)
-    FUNCTION = "load"
-
+class WanLeanLoadAudio(WanLeanNode):
     @classmethod
-    def INPUT_TYPES(cls):
+    def define_schema(cls):
         readable = readable_extensions()
         files = [f for f in os.listdir(folder_paths.get_input_directory()) if f.lower().endswith(readable)]
-        return {"required": {"audio_file": (sorted(files), {"audio_upload": True,
-                                                           "tooltip": "A speech or song file in ComfyUI's input folder."})}}
+        return cls.schema("WanLeanLoadAudio", "Wan Load Audio", (
+            "Reads an audio file from ComfyUI's input folder (soundfile) as AUDIO: wav, flac, ogg and, with "
+            "libsndfile >= 1.1, mp3 (only what the installed libsndfile reads is listed; convert m4a/aac to one of "
+            "those, or use ComfyUI's Load Audio). A file overwritten under the same name is read again."), [
+            io.Combo.Input("audio_file", options=sorted(files), upload=io.UploadType.audio,
+                           tooltip="A speech or song file in ComfyUI's input folder."),
+        ], [io.Audio.Output(display_name="audio")])
 
     @classmethod
-    def IS_CHANGED(cls, audio_file):
+    def fingerprint_inputs(cls, audio_file):
         path = folder_paths.get_annotated_filepath(audio_file)
         return file_fingerprint(path) if os.path.isfile(path) else audio_file
 
-    def load(self, audio_file):
+    @classmethod
+    def execute(cls, audio_file):
         wave, rate = load_audio(folder_paths.get_annotated_filepath(audio_file))
-        return (to_comfy_audio(wave, rate),)
+        return io.NodeOutput(to_comfy_audio(wave, rate))
 
 
 class VAEOnDevice:
@@ -112,52 +111,55 @@ def audio_features(encoder, audio, clips_wanted):
     return feats, clips, wave, rate
 
 
-class WanLeanSpeechToVideo:
-    DESCRIPTION = ("Wan2.2-S2V: one image + a speech or song track -> a talking/singing video, rendered in clips of 80 "
-                   "frames that continue from the last 73 frames of the previous clip; the clip count follows the audio "
-                   "(or max_clips). Returns the frames (16 fps, cut where the audio ends, as the official mp4) and the "
-                   "audio trimmed to them.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE", "AUDIO")
-    RETURN_NAMES = ("frames", "audio")
-    FUNCTION = "generate"
+def s2v_inputs():
+    """Model, VAE, audio encoder, conditioning, reference image and speech, size, then the shared sampling inputs with
+    the official S2V defaults and the clip count."""
+    side = "Multiple of 16 (64 or more)."
+    return [
+        WanLeanModel.Input("model", tooltip="The S2V model (wan2.2_s2v_14B) from Wan Load Diffusion Model."),
+        WanLeanVAE.Input("vae", tooltip="The Wan 2.1 VAE."),
+        WanLeanAudioEncoder.Input("audio_encoder", tooltip="From Wan Load Audio Encoder (wav2vec2)."),
+        *cond_inputs("Prompt features (Wan Text Encode).", "Negative prompt features (Wan Text Encode)."),
+        io.Image.Input("ref_image", tooltip="The person/scene to animate; scaled to cover the size and centre-cropped."),
+        io.Audio.Input("audio", tooltip="Speech or song (Wan Load Audio, or ComfyUI's Load Audio)."),
+        io.Int.Input("width", default=832, min=64, max=4096, step=16, tooltip=side),
+        io.Int.Input("height", default=480, min=64, max=4096, step=16, tooltip=side),
+        seed_input("Noise seed (clip r uses seed + r, wrapping to 0 after 2^64-1)."),
+        steps_input(40, "Solver steps per clip (official: 40)."),
+        io.Float.Input("cfg", default=4.5, min=1.0, max=20.0, step=0.1,
+                       tooltip="Guidance; the negative branch also gets silent audio (official: 4.5)."),
+        shift_input(3.0, "Timestep shift (official: 3)."),
+        sampler_input(),
+        io.Int.Input("max_clips", default=0, min=0, max=1000,
+                     tooltip="0: as many 80-frame clips as the audio needs; else at most this many."),
+    ]
 
+
+class WanLeanSpeechToVideo(WanLeanNode):
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("WANLEAN_MODEL", {"tooltip": "The S2V model (wan2.2_s2v_14B) from Wan Load Diffusion Model."}),
-            "vae": ("WANLEAN_VAE", {"tooltip": "The Wan 2.1 VAE."}),
-            "audio_encoder": ("WANLEAN_AUDIO_ENCODER", {"tooltip": "From Wan Load Audio Encoder (wav2vec2)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Negative prompt features (Wan Text Encode)."}),
-            "ref_image": ("IMAGE", {"tooltip": "The person/scene to animate; scaled to cover the size and centre-cropped."}),
-            "audio": ("AUDIO", {"tooltip": "Speech or song (Wan Load Audio, or ComfyUI's Load Audio)."}),
-            "width": ("INT", {"default": 832, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
-            "height": ("INT", {"default": 480, "min": 64, "max": 4096, "step": 16, "tooltip": "Multiple of 16 (64 or more)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed (clip r uses seed + r, wrapping to 0 after 2^64-1)."}),
-            "steps": ("INT", {"default": 40, "min": 1, "max": 200, "tooltip": "Solver steps per clip (official: 40)."}),
-            "cfg": ("FLOAT", {"default": 4.5, "min": 1.0, "max": 20.0, "step": 0.1,
-                              "tooltip": "Guidance; the negative branch also gets silent audio (official: 4.5)."}),
-            "shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 30.0, "step": 0.1, "tooltip": "Timestep shift (official: 3)."}),
-            "sampler": SAMPLER,
-            "max_clips": ("INT", {"default": 0, "min": 0, "max": 1000,
-                                  "tooltip": "0: as many 80-frame clips as the audio needs; else at most this many."}),
-        }, "optional": {
-            "pose_video": ("IMAGE", {"tooltip": "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator): RGB, "
-                                                  "RGBA (alpha dropped) or grey (1 channel, used as grey RGB)."}),
-            "video_length": (list(VIDEO_LENGTHS), {"default": "audio", "tooltip": (
+    def define_schema(cls):
+        return cls.schema("WanLeanSpeechToVideo", "Wan Speech To Video (S2V)", (
+            "Wan2.2-S2V: one image + a speech or song track -> a talking/singing video, rendered in clips of 80 frames "
+            "that continue from the last 73 frames of the previous clip; the clip count follows the audio (or "
+            "max_clips). Returns the frames (16 fps, cut where the audio ends, as the official mp4) and the audio "
+            "trimmed to them."), [
+            *s2v_inputs(),
+            io.Image.Input("pose_video", optional=True, tooltip=(
+                "Pose frames at 16 fps to drive the motion (e.g. from a pose estimator): RGB, RGBA (alpha dropped) or "
+                "grey (1 channel, used as grey RGB).")),
+            io.Combo.Input("video_length", options=list(VIDEO_LENGTHS), default="audio", optional=True, tooltip=(
                 "audio: the video ends with the audio, as the official mp4 (floor(seconds x 16) frames). whole clips: "
-                "every generated frame (clips x 80 - 3); the tail past the speech moves without sound.")}),
-            "seed_mode": SEED_MODE["seed_mode"],
-            "sizing": (list(SIZINGS), {"default": "crop", "tooltip": (
+                "every generated frame (clips x 80 - 3); the tail past the speech moves without sound.")),
+            seed_mode_input(),
+            io.Combo.Input("sizing", options=list(SIZINGS), default="crop", optional=True, tooltip=(
                 "crop: scale the reference image to cover width x height and centre-crop (bicubic). official: as the "
                 "official S2V: the size (multiples of 64) follows the image at about width x height pixels; short side "
-                "resized (antialiased), centre-cropped, black bars where the image falls short.")}),
-        }, "hidden": {"node_id": "UNIQUE_ID"}}
+                "resized (antialiased), centre-cropped, black bars where the image falls short.")),
+        ], [io.Image.Output(display_name="frames"), io.Audio.Output(display_name="audio")], progress=True)
 
-    def generate(self, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
-                 shift, sampler, max_clips, pose_video=None, video_length="audio", seed_mode="comfy", sizing="crop",
-                 node_id=None):
+    @classmethod
+    def execute(cls, model, vae, audio_encoder, positive, negative, ref_image, audio, width, height, seed, steps, cfg,
+                shift, sampler, max_clips, pose_video=None, video_length="audio", seed_mode="comfy", sizing="crop"):
         net = model.patcher.model
         if not isinstance(net, WanS2V):
             raise ValueError(f"model is {net.variant_name}, not the S2V model: load wan2.2_s2v_14B")
@@ -178,10 +180,10 @@ class WanLeanSpeechToVideo:
         get = lambda: model.load(act)  # noqa: E731
         video = generate_s2v(get, coder, job, clips=clips, seed=seed, steps=steps, cfg=cfg, shift=shift, sampler=sampler,
                              width=width, height=height, device=model.device, dtype=model.dtype,
-                             callback=self._progress(steps, clips, node_id, model), noise_mode=seed_mode)
+                             callback=cls._progress(steps, clips, cls.node_id(), model), noise_mode=seed_mode)
         kept = output_frames(clips, wave.shape[-1], rate, whole_clips=video_length == "whole clips")
         frames = ((video[0, :, :kept].clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-        return (frames.to(mm.intermediate_device()), to_comfy_audio(trim_to_video(wave, rate, kept), rate))
+        return io.NodeOutput(frames.to(mm.intermediate_device()), to_comfy_audio(trim_to_video(wave, rate, kept), rate))
 
     @staticmethod
     def _progress(steps, clips, node_id, model):
@@ -189,13 +191,4 @@ class WanLeanSpeechToVideo:
         return clips_step_callback(steps, clips, node_id, model.patcher.model.out_dim, model.device)
 
 
-NODE_CLASS_MAPPINGS = {
-    "WanLeanAudioEncoderLoader": WanLeanAudioEncoderLoader,
-    "WanLeanLoadAudio": WanLeanLoadAudio,
-    "WanLeanSpeechToVideo": WanLeanSpeechToVideo,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "WanLeanAudioEncoderLoader": "Wan Load Audio Encoder (wav2vec2)",
-    "WanLeanLoadAudio": "Wan Load Audio",
-    "WanLeanSpeechToVideo": "Wan Speech To Video (S2V)",
-}
+NODES = [WanLeanAudioEncoderLoader, WanLeanLoadAudio, WanLeanSpeechToVideo]

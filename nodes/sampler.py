@@ -5,13 +5,14 @@ import logging
 import torch
 
 import comfy.model_management as mm
+from comfy_api.latest import io
 
 from ..wan_core import cache
 from ..wan_core.checks import check_finite
 from ..wan_core.pipeline import (NOISE_MODES, Cond, Expert, check_video_size, generate, guided, latent_shape,
                                  spatial_stride)
 from ..wan_core.sampling import SAMPLERS
-from .common import ACTIVATION_MARGIN, CATEGORY, step_callback
+from .common import ACTIVATION_MARGIN, WanLeanNode, WanLeanModel, step_callback
 
 
 def passes(cfg):
@@ -102,34 +103,84 @@ def check_memory(handle, shape, batch=2):
                          f"the device has {total / 2**30:.0f} GiB: lower width, height or length")
 
 
-SAMPLER = (list(SAMPLERS), {"default": "unipc", "tooltip": (
+SAMPLER_TOOLTIP = (
     "unipc is the official solver (dpm++ and euler on the official schedules). For step-distilled models and LoRAs "
     "(lightx2v, Wan2.2-Lightning: 4 steps, cfg 1, shift 5): euler-distilled (Wan 2.2 Lightning's solver) or "
     "lcm-distilled (lightx2v's Wan 2.1 solver: fresh seeded noise each step), both on shift(linspace(1, 0)) with the "
-    "float training timesteps (1000, 937.5, 833.3, 625 at 4 steps).")})
+    "float training timesteps (1000, 937.5, 833.3, 625 at 4 steps).")
+BOUNDARY_TOOLTIP = "witch to the low-noise expert below timestep boundary*1000 (official: 0.875 T2V, 0.900 I2V)."
 
 
-def widgets(steps, cfg, shift):
-    """The shared widgets; defaults are the official ones for the node's models."""
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise seed."}),
-        "steps": ("INT", {"default": steps, "min": 1, "max": 200, "tooltip": f"Solver steps (official: {steps})."}),
-        **cfg,
-        "shift": ("FLOAT", {"default": shift, "min": 0.1, "max": 30.0, "step": 0.1,
-                            "tooltip": f"Timestep shift s*sigma/(1+(s-1)*sigma) (official: {shift})."}),
-        "sampler": SAMPLER,
-        "width": ("INT", {"default": 832, "min": 16, "max": 4096, "step": 16,
-                          "tooltip": "Video width: a multiple of 16 (32 for TI2V-5B)."}),
-        "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16,
-                           "tooltip": "Video height: a multiple of 16 (32 for TI2V-5B)."}),
-        "length": ("INT", {"default": 81, "min": 1, "max": 1025, "step": 4,
-                           "tooltip": "Frames, 1+4k (81 = 5 s at 16 fps; TI2V-5B: 121 = 5 s at 24 fps)."}),
-    }
+# The inputs the sampling nodes share (Wan Sampler, the A14B sampler, the multi-GPU sampler, Wan Long Video, S2V),
+# declared once here; defaults are the official ones for each node's models.
+def sampler_input():
+    return io.Combo.Input("sampler", options=list(SAMPLERS), default="unipc", tooltip=SAMPLER_TOOLTIP)
 
 
-def cfg_widget(name, default, what):
-    return {name: ("FLOAT", {"default": default, "min": 1.0, "max": 20.0, "step": 0.1,
-                             "tooltip": f"Classifier-free guidance scale{what}; 1 skips the negative pass."})}
+def seed_input(tooltip="Noise seed."):
+    return io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip=tooltip)
+
+
+def steps_input(default, tooltip=None):
+    return io.Int.Input("steps", default=default, min=1, max=200,
+                        tooltip=tooltip or f"Solver steps (official: {default}).")
+
+
+def shift_input(default, tooltip=None):
+    return io.Float.Input("shift", default=default, min=0.1, max=30.0, step=0.1,
+                          tooltip=tooltip or f"Timestep shift s*sigma/(1+(s-1)*sigma) (official: {default}).")
+
+
+def cfg_input(name, default, what, optional=False):
+    return io.Float.Input(name, default=default, min=1.0, max=20.0, step=0.1, optional=optional,
+                          tooltip=f"Classifier-free guidance scale{what}; 1 skips the negative pass.")
+
+
+def boundary_input(prefix="S", optional=False):
+    """The A14B expert switch; `prefix` starts the tooltip ("S", or "A14B: s" on nodes that also take one model)."""
+    return io.Float.Input("boundary", default=0.875, min=0.0, max=1.0, step=0.005, optional=optional,
+                          tooltip=prefix + BOUNDARY_TOOLTIP)
+
+
+def cond_inputs(positive="Prompt features (Wan Text Encode, or Wan Image To Video).",
+                negative="Negative prompt features."):
+    return [io.Conditioning.Input("positive", tooltip=positive), io.Conditioning.Input("negative", tooltip=negative)]
+
+
+def sampling_inputs(steps, cfgs, shift, length=None):
+    """seed, steps, the node's cfg inputs, shift, sampler, width, height, length (`length` replaces the default)."""
+    return [
+        seed_input(), steps_input(steps), *cfgs, shift_input(shift), sampler_input(),
+        io.Int.Input("width", default=832, min=16, max=4096, step=16,
+                     tooltip="Video width: a multiple of 16 (32 for TI2V-5B)."),
+        io.Int.Input("height", default=480, min=16, max=4096, step=16,
+                     tooltip="Video height: a multiple of 16 (32 for TI2V-5B)."),
+        length or io.Int.Input("length", default=81, min=1, max=1025, step=4,
+                               tooltip="Frames, 1+4k (81 = 5 s at 16 fps; TI2V-5B: 121 = 5 s at 24 fps)."),
+    ]
+
+
+def low_noise_inputs(model_tooltip, boundary_prefix):
+    """The optional second A14B expert of the nodes that take one model or two: model, its guidance, the switch."""
+    return [WanLeanModel.Input("low_noise_model", optional=True, tooltip=model_tooltip),
+            cfg_input("cfg_low_noise", 3.0, " of the low-noise expert (A14B only)", optional=True),
+            boundary_input(boundary_prefix, optional=True)]
+
+
+def cache_inputs():
+    return [io.Float.Input("cache_threshold", default=0.0, min=0.0, max=5.0, step=0.01, optional=True,
+                           tooltip="Step cache: reuse the last DiT residual while block 0's input changed less than "
+                                   "this (accumulated relative L1). 0 = off."),
+            io.Int.Input("cache_interval", default=0, min=0, max=10, optional=True,
+                         tooltip="Fixed-interval cache: compute every n-th step, reuse in between (distilled / short "
+                                 "schedules). 0 or 1 = off.")]
+
+
+def seed_mode_input():
+    return io.Combo.Input("seed_mode", options=list(NOISE_MODES), default="comfy", optional=True, tooltip=(
+        "comfy: noise from a CPU generator (ComfyUI's convention, the same on every device). official: drawn as the "
+        "official Wan code draws it (a generator on the model's device, float32; S2V: bfloat16 per clip): with the "
+        "official sizes, settings and prompts, the seed gives the official release's noise."))
 
 
 def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
@@ -140,13 +191,6 @@ def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
     return [Expert(lambda h=h, b=passes(cfg): h.load(activation_memory(h.patcher.model, shape, h.dtype, b)), cfg,
                    min_t, cache.StepCache(cache_threshold, cache_interval) if use_cache else None)
             for h, cfg, min_t in models_cfgs]
-
-
-SEED_MODE = {"seed_mode": (list(NOISE_MODES), {
-    "default": "comfy", "tooltip": "comfy: noise from a CPU generator (ComfyUI's convention, the same on every device). "
-                                   "official: drawn as the official Wan code draws it (a generator on the model's "
-                                   "device, float32; S2V: bfloat16 per clip): with the official sizes, settings and "
-                                   "prompts, the seed gives the official release's noise."})}
 
 
 def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
@@ -168,68 +212,52 @@ def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, w
                       callback=step_callback(steps, node_id, channels, first.device), noise_mode=seed_mode)
     for i, expert in enumerate(e for e in experts if e.cache is not None):
         logging.info("Wan Lean step cache (model %d): %s", i, expert.cache.report())
-    return ({"samples": latent.cpu()},)
+    return io.NodeOutput({"samples": latent.cpu()})
 
 
-class _Sampler:
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ("LATENT",)
-    RETURN_NAMES = ("latent",)
-    FUNCTION = "sample"
-    CACHE = {"cache_threshold": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.01,
-                                           "tooltip": "Step cache: reuse the last DiT residual while block 0's input "
-                                                      "changed less than this (accumulated relative L1). 0 = off."}),
-             "cache_interval": ("INT", {"default": 0, "min": 0, "max": 10,
-                                        "tooltip": "Fixed-interval cache: compute every n-th step, reuse in between "
-                                                   "(distilled / short schedules). 0 or 1 = off."})}
-    CONDS = {"positive": ("CONDITIONING", {"tooltip": "Prompt features (Wan Text Encode, or Wan Image To Video)."}),
-             "negative": ("CONDITIONING", {"tooltip": "Negative prompt features."})}
-
-
-class WanLeanSampler(_Sampler):
-    DESCRIPTION = ("Generates a video latent with one Wan model (2.1 T2V/I2V/FLF2V, 2.2 TI2V-5B): seeded noise, "
-                   "flow-matching sampling (UniPC as in the official release, DPM++ 2M or Euler) with guidance.")
+class WanLeanSampler(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanSampler", "Wan Sampler", (
+            "Generates a video latent with one Wan model (2.1 T2V/I2V/FLF2V, 2.2 TI2V-5B): seeded noise, "
+            "flow-matching sampling (UniPC as in the official release, DPM++ 2M or Euler) with guidance."), [
+            WanLeanModel.Input("model", tooltip="From Wan Load Diffusion Model."),
+            *cond_inputs(),
+            *sampling_inputs(50, [cfg_input("cfg", 5.0, "")], 5.0),
+            *cache_inputs(), seed_mode_input(),
+        ], [io.Latent.Output(display_name="latent")], progress=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("WANLEAN_MODEL", {"tooltip": "From Wan Load Diffusion Model."}),
-            **cls.CONDS,
-            **widgets(50, cfg_widget("cfg", 5.0, ""), 5.0),
-        }, "optional": {**cls.CACHE, **SEED_MODE}, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    def sample(self, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-               cache_threshold=0.0, cache_interval=0, seed_mode="comfy", node_id=None):
-        return run([(model, cfg, 0.0)], positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
-                   cache_threshold, cache_interval, seed_mode)
+    def execute(cls, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
+                cache_threshold=0.0, cache_interval=0, seed_mode="comfy"):
+        return run([(model, cfg, 0.0)], positive, negative, cls.node_id(), seed, steps, shift, sampler, width, height,
+                   length, cache_threshold, cache_interval, seed_mode)
 
 
-class WanLeanSamplerA14B(_Sampler):
-    DESCRIPTION = ("Wan 2.2 A14B (T2V or I2V): the high-noise expert runs while the timestep is at or above "
-                   "boundary x 1000, then the low-noise expert, each with its own guidance; ComfyUI loads one at a time. "
-                   "Defaults are T2V-A14B's; I2V-A14B: shift 5, cfg 3.5 / 3.5, boundary 0.900.")
+class WanLeanSamplerA14B(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        cfgs = [cfg_input("cfg_high_noise", 4.0, " of the high-noise expert"),
+                cfg_input("cfg_low_noise", 3.0, " of the low-noise expert")]
+        return cls.schema("WanLeanSamplerA14B", "Wan 2.2 A14B Sampler (two experts)", (
+            "Wan 2.2 A14B (T2V or I2V): the high-noise expert runs while the timestep is at or above boundary x 1000, "
+            "then the low-noise expert, each with its own guidance; ComfyUI loads one at a time. Defaults are "
+            "T2V-A14B's; I2V-A14B: shift 5, cfg 3.5 / 3.5, boundary 0.900."), [
+            WanLeanModel.Input("high_noise_model", tooltip="The high-noise expert (..._high_noise_...)."),
+            WanLeanModel.Input("low_noise_model", tooltip="The low-noise expert (..._low_noise_...)."),
+            *cond_inputs(),
+            *sampling_inputs(40, cfgs, 12.0),
+            boundary_input(),
+            *cache_inputs(), seed_mode_input(),
+        ], [io.Latent.Output(display_name="latent")], progress=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        cfgs = {**cfg_widget("cfg_high_noise", 4.0, " of the high-noise expert"),
-                **cfg_widget("cfg_low_noise", 3.0, " of the low-noise expert")}
-        return {"required": {
-            "high_noise_model": ("WANLEAN_MODEL", {"tooltip": "The high-noise expert (..._high_noise_...)."}),
-            "low_noise_model": ("WANLEAN_MODEL", {"tooltip": "The low-noise expert (..._low_noise_...)."}),
-            **cls.CONDS,
-            **widgets(40, cfgs, 12.0),
-            "boundary": ("FLOAT", {"default": 0.875, "min": 0.0, "max": 1.0, "step": 0.005,
-                                   "tooltip": "Switch to the low-noise expert below timestep boundary*1000 "
-                                              "(official: 0.875 T2V, 0.900 I2V)."}),
-        }, "optional": {**cls.CACHE, **SEED_MODE}, "hidden": {"node_id": "UNIQUE_ID"}}
-
-    def sample(self, high_noise_model, low_noise_model, positive, negative, seed, steps, cfg_high_noise, cfg_low_noise,
-               shift, sampler, width, height, length, boundary, cache_threshold=0.0, cache_interval=0, seed_mode="comfy",
-               node_id=None):
+    def execute(cls, high_noise_model, low_noise_model, positive, negative, seed, steps, cfg_high_noise, cfg_low_noise,
+                shift, sampler, width, height, length, boundary, cache_threshold=0.0, cache_interval=0,
+                seed_mode="comfy"):
         experts = [(high_noise_model, cfg_high_noise, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]
-        return run(experts, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
+        return run(experts, positive, negative, cls.node_id(), seed, steps, shift, sampler, width, height, length,
                    cache_threshold, cache_interval, seed_mode)
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanSampler": WanLeanSampler, "WanLeanSamplerA14B": WanLeanSamplerA14B}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanSampler": "Wan Sampler", "WanLeanSamplerA14B": "Wan 2.2 A14B Sampler (two experts)"}
+NODES = [WanLeanSampler, WanLeanSamplerA14B]

@@ -6,10 +6,11 @@ import av
 import numpy as np
 
 import folder_paths
+from comfy_api.latest import io
 
 from ..wan_core.audio import aac_rate, from_comfy_audio
 from ..wan_core.checks import check_finite
-from .common import CATEGORY
+from .common import WanLeanNode
 
 
 def _audio_track(audio):
@@ -71,28 +72,24 @@ def check_prefix(prefix, out_dir):
                              f"would be {size} bytes, the limit is {limit}: shorten filename_prefix")
 
 
-class WanLeanSaveVideo:
-    DESCRIPTION = ("Saves frames as an H.264 mp4 in ComfyUI's output folder (16 fps for Wan 2.1 and A14B, 24 for TI2V-5B), "
-                   "with an optional audio track trimmed to the video.")
-    CATEGORY = CATEGORY
-    RETURN_TYPES = ()
-    OUTPUT_NODE = True
-    FUNCTION = "save"
+class WanLeanSaveVideo(WanLeanNode):
+    @classmethod
+    def define_schema(cls):
+        return cls.schema("WanLeanSaveVideo", "Wan Save Video (mp4)", (
+            "Saves frames as an H.264 mp4 in ComfyUI's output folder (16 fps for Wan 2.1 and A14B, 24 for TI2V-5B), "
+            "with an optional audio track trimmed to the video."), [
+            io.Image.Input("frames", tooltip="Video frames (e.g. from Wan VAE Decode)."),
+            io.Int.Input("fps", default=16, min=1, max=120,
+                         tooltip="Frame rate: 16 for Wan 2.1 / A14B / S2V, 24 for TI2V-5B."),
+            io.String.Input("filename_prefix", default="wan/video", tooltip="Output path prefix inside the output folder."),
+            io.Int.Input("crf", default=19, min=0, max=51, tooltip="H.264 quality: lower is better and larger."),
+            io.Audio.Input("audio", optional=True, tooltip=(
+                "A sound track (e.g. the S2V speech); trimmed to the video's length, written as AAC at its own rate "
+                "or, for rates AAC does not take (e.g. 40 kHz), resampled to the next rate up (44.1 kHz).")),
+        ], output_node=True)
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "frames": ("IMAGE", {"tooltip": "Video frames (e.g. from Wan VAE Decode)."}),
-            "fps": ("INT", {"default": 16, "min": 1, "max": 120, "tooltip": "Frame rate: 16 for Wan 2.1 / A14B / S2V, 24 for TI2V-5B."}),
-            "filename_prefix": ("STRING", {"default": "wan/video", "tooltip": "Output path prefix inside the output folder."}),
-            "crf": ("INT", {"default": 19, "min": 0, "max": 51, "tooltip": "H.264 quality: lower is better and larger."}),
-        }, "optional": {
-            "audio": ("AUDIO", {"tooltip": "A sound track (e.g. the S2V speech); trimmed to the video's length, "
-                                          "written as AAC at its own rate or, for rates AAC does not take (e.g. 40 kHz), "
-                                          "resampled to the next rate up (44.1 kHz)."}),
-        }}
-
-    def save(self, frames, fps, filename_prefix, crf, audio=None):
+    def execute(cls, frames, fps, filename_prefix, crf, audio=None):
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"frames must be an RGB IMAGE batch [T, H, W, 3], got shape {tuple(frames.shape)}")
         out_dir = folder_paths.get_output_directory()
@@ -101,8 +98,8 @@ class WanLeanSaveVideo:
             filename_prefix, out_dir, frames.shape[2], frames.shape[1])
         filename = f"{name}_{counter:05}_.mp4"
         write_mp4(os.path.join(folder, filename), frames, fps, crf, audio)
-        return {"ui": {"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}], "animated": (True,)}}
+        return io.NodeOutput(ui={"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],
+                                 "animated": (True,)})
 
 
-NODE_CLASS_MAPPINGS = {"WanLeanSaveVideo": WanLeanSaveVideo}
-NODE_DISPLAY_NAME_MAPPINGS = {"WanLeanSaveVideo": "Wan Save Video (mp4)"}
+NODES = [WanLeanSaveVideo]

@@ -30,6 +30,11 @@ def input_specs(info):
     return [(n, s[0] if isinstance(s[0], str) else "COMBO", s[1] if len(s) > 1 else {}) for n, s in specs]
 
 
+def combo_options(spec):
+    """The options of a COMBO input spec from /object_info: V1's [options, {...}] or V3's ["COMBO", {"options": ...}]."""
+    return spec[0] if isinstance(spec[0], list) else (spec[1] if len(spec) > 1 else {}).get("options", [])
+
+
 def extra_widget_values(name, kind, opts):
     """How many hidden control values the frontend stores after this widget's value."""
     control = opts.get("control_after_generate")

@@ -14,6 +14,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 from conftest import ROOT, import_comfy, scale_close
+from workflow_api import combo_options
 from test_memory import T2V, conds, fake_gpu, nodes, sample  # noqa: F401  (fixtures)
 from test_s2v import TINY as S2V_TINY, inputs as s2v_inputs, one_thread  # noqa: F401  (autouse: one thread)
 from wan_core import attention
@@ -177,17 +178,17 @@ def pack(name):
 def test_loader_defaults_and_choices(nodes, monkeypatch):
     loader = nodes.loaders.WanLeanModelLoader
     optional = loader.INPUT_TYPES()["optional"]
-    assert optional["attention"][0] == ["auto", "sdpa", "flash", "sage"]
-    assert optional["compile"][0] == ["off", "blocks", "blocks (max-autotune)"]
+    assert combo_options(optional["attention"]) == ["auto", "sdpa", "flash", "sage"]
+    assert combo_options(optional["compile"]) == ["off", "blocks", "blocks (max-autotune)"]
     assert (optional["attention"][1]["default"], optional["compile"][1]["default"]) == ("auto", "off")
-    net = loader().load(T2V, "default")[0].patcher.model  # old workflows: no such inputs
+    net = loader.execute(T2V, "default")[0].patcher.model  # old workflows: no such inputs
     assert net.attention_backend is None and net.compiled_blocks is None
-    net = loader().load(T2V, "default", attention="sdpa", compile="blocks (max-autotune)")[0].patcher.model
+    net = loader.execute(T2V, "default", attention="sdpa", compile="blocks (max-autotune)")[0].patcher.model
     assert net.attention_backend == "sdpa" and net.compiled_blocks.mode == "blocks (max-autotune)"
     monkeypatch.setitem(pack("attention")._modules, "flash", None)  # as on this CPU machine, also where it exists
     with pytest.raises(ValueError, match=r"Wan Load Diffusion Model, input 'attention': attention backend 'flash' "
                                          r"is not installed here \(pip install flash-attn\); available: auto, sdpa"):
-        loader().load(T2V, "default", attention="flash")
+        loader.execute(T2V, "default", attention="flash")
 
 
 def test_loader_compile_through_the_sampler_node(nodes, monkeypatch):
@@ -196,8 +197,8 @@ def test_loader_compile_through_the_sampler_node(nodes, monkeypatch):
     real = pack("compile").compile_blocks
     monkeypatch.setattr(nodes.loaders, "compile_blocks", lambda m, mode, **kw: real(m, mode, **kw, backend=FAST))
     positive, negative = conds()
-    eager = sample(nodes, nodes.loaders.WanLeanModelLoader().load(T2V, "default")[0], positive, negative)
-    model, = nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="blocks")
+    eager = sample(nodes, nodes.loaders.WanLeanModelLoader.execute(T2V, "default")[0], positive, negative)
+    model, = nodes.loaders.WanLeanModelLoader.execute(T2V, "default", compile="blocks")
     sampler, seen = nodes.sampler, []
     step_callback = sampler.step_callback
 
@@ -214,10 +215,10 @@ def test_partial_load_runs_blocks_uncompiled_with_a_log_line(nodes, fake_gpu, ca
     """A device that holds half the weights: ComfyUI loads partially, the blocks run eagerly (said once in the log),
     dynamo never runs, and the latent equals the full load's."""
     positive, negative = conds()
-    full = sample(nodes, nodes.loaders.WanLeanModelLoader().load(T2V, "default")[0], positive, negative)
+    full = sample(nodes, nodes.loaders.WanLeanModelLoader.execute(T2V, "default")[0], positive, negative)
     mm.free_memory(1e30, torch.device("cpu", 0))
     fake_gpu.fit = 0.5
-    model, = nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="blocks")
+    model, = nodes.loaders.WanLeanModelLoader.execute(T2V, "default", compile="blocks")
     with caplog.at_level(logging.INFO):
         partial = sample(nodes, model, positive, negative)
     assert model.patcher.model.model_lowvram
@@ -287,6 +288,6 @@ def test_compile_without_a_toolchain_is_refused_at_load(nodes, monkeypatch):
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ValueError, match="input 'compile': torch.compile on the CPU needs a C\\+\\+ compiler"):
-        nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="blocks")
-    model, = nodes.loaders.WanLeanModelLoader().load(T2V, "default", compile="off")
+        nodes.loaders.WanLeanModelLoader.execute(T2V, "default", compile="blocks")
+    model, = nodes.loaders.WanLeanModelLoader.execute(T2V, "default", compile="off")
     assert model.patcher.model.compiled_blocks is None

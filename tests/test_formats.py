@@ -17,6 +17,7 @@ import torch
 
 from conftest import ROOT, import_comfy, run_workflow
 from media import assert_real_video, probe
+from workflow_api import combo_options
 
 import_comfy()
 import folder_paths  # noqa: E402,F401  (the pack's loaders read ComfyUI's model folders)
@@ -326,7 +327,8 @@ def test_matches_diffusers_own_classes():
 ], ids=["diffusers", "gguf"])
 def test_server_loads_diffusers_and_gguf(variants, server, files):
     """Through a real ComfyUI server: the loader node lists and loads the file, the graph writes its mp4."""
-    assert files["WanLeanModelLoader.model_name"] in server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"][0]
+    assert files["WanLeanModelLoader.model_name"] in combo_options(
+        server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"])
     out = run_workflow(server, "wan21_t2v_1.3B.json", files, sizes={"width": 64, "height": 64, "length": 5, "steps": 2})
     videos = [f for f in out if f.endswith(".mp4")]
     assert len(videos) == 1 and probe(videos[0])["frames"] == 5

@@ -144,7 +144,7 @@ def run_in_process(api, classes, load_image):
                 done[node_id] = (load_image(kwargs["image"]),)
             else:
                 cls = classes[node["class_type"]]
-                done[node_id] = getattr(cls(), cls.FUNCTION)(**kwargs)
+                done[node_id] = cls.execute(**kwargs)
         return done[node_id]
     return value
 
@@ -178,7 +178,7 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
 
     mods = [pack_module(m) for m in ("loaders", "conditioning", "long_video")]
     lv = mods[-1]
-    classes = {k: v for m in mods for k, v in m.NODE_CLASS_MAPPINGS.items()}
+    classes = {node.GET_SCHEMA().node_id: node for m in mods for node in m.NODES}
     import folder_paths
     for kind in ("diffusion_models", "vae", "text_encoders"):
         monkeypatch.setitem(folder_paths.folder_names_and_paths, kind,

@@ -19,6 +19,7 @@ from media import assert_real_video
 from wan_core.dit import WanDiT
 from wan_core.lora import LORA_FORMATS, diffusers_name, match_lora, merge_lora, smoke_lora, write_smoke_lora
 from wan_core.smoke import randomize_
+from workflow_api import combo_options
 
 TINY = dict(dim=128, ffn_dim=256, num_layers=2, text_dim=32, in_dim=36, clip_dim=32)  # I2V: every module kind
 CPU = torch.device("cpu")
@@ -301,18 +302,18 @@ def test_loader_node_reports_and_refuses(tmp_path, caplog):
     save_file(lora, str(tmp_path / "mixed.safetensors"))
     flux = {"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.zeros(9, 4)}
     save_file(flux, str(tmp_path / "flux.safetensors"))
-    node = lora_mod.WanLeanLoraLoader()
+    node = lora_mod.WanLeanLoraLoader
     spec = node.INPUT_TYPES()["required"]
     assert all("tooltip" in opts for _, opts in spec.values())
     assert spec["strength"][1]["default"] == 1.0 and (spec["strength"][1]["min"], spec["strength"][1]["max"]) == (-10, 10)
-    assert node.load(handle, "mixed.safetensors", 0.0)[0] is handle
+    assert node.execute(handle, "mixed.safetensors", 0.0)[0] is handle
     with caplog.at_level(logging.WARNING):
-        out, = node.load(handle, "mixed.safetensors", 1.0)
+        out, = node.execute(handle, "mixed.safetensors", 1.0)
     assert "1 keys unmatched (e.g. lora_te_text_model_encoder_layers_0_mlp_fc1" in caplog.text
     assert out.patcher is not handle.patcher and out.patcher.model is model and len(out.patcher.patches) == n_patches
     assert not handle.patcher.patches, "the input model was changed"
     with pytest.raises(ValueError, match="no key of 'flux.safetensors' matched this model: it is a LoRA for another model"):
-        node.load(handle, "flux.safetensors", 1.0)
+        node.execute(handle, "flux.safetensors", 1.0)
 
 
 # ---- through a real ComfyUI server -------------------------------------------------------------------------------
@@ -350,7 +351,7 @@ def t2v_frames(server, loras=()):
 
 def test_stacked_lora_nodes_through_server(smoke_loras, server):
     info = server.object_info()["WanLeanLoraLoader"]
-    assert set(smoke_loras) <= set(info["input"]["required"]["lora_name"][0])
+    assert set(smoke_loras) <= set(combo_options(info["input"]["required"]["lora_name"]))
     plain = t2v_frames(server)
     stacked = t2v_frames(server, [(smoke_loras[0], 1.0), (smoke_loras[1], 0.8)])
     assert stacked.shape == plain.shape == (5, 64, 128, 3)

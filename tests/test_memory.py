@@ -129,9 +129,9 @@ class OffloadCheck(TorchFunctionMode):
 
 def load(nodes, dit=T2V, vae="wan_2.1_vae.safetensors"):
     """(text encoder, diffusion model, VAE) handles from the loader nodes."""
-    t5, = nodes.loaders.WanLeanTextEncoderLoader().load("umt5_xxl_fp16.safetensors")
-    model, = nodes.loaders.WanLeanModelLoader().load(dit, "default")
-    return t5, model, nodes.loaders.WanLeanVAELoader().load(vae)[0]
+    t5, = nodes.loaders.WanLeanTextEncoderLoader.execute("umt5_xxl_fp16.safetensors")
+    model, = nodes.loaders.WanLeanModelLoader.execute(dit, "default")
+    return t5, model, nodes.loaders.WanLeanVAELoader.execute(vae)[0]
 
 
 def conds(text_dim=64, **extras):
@@ -142,14 +142,14 @@ def conds(text_dim=64, **extras):
 
 
 def sample(nodes, model, positive, negative, seed=0):
-    return nodes.sampler.WanLeanSampler().sample(model, positive, negative, seed=seed, steps=3, cfg=5.0, shift=5.0,
+    return nodes.sampler.WanLeanSampler.execute(model, positive, negative, seed=seed, steps=3, cfg=5.0, shift=5.0,
                                                  sampler="unipc", **SIZE)[0]
 
 
 def run_chain(nodes, t5, model, vae):
     """Text encode -> sample -> decode through the nodes; the decoded frames."""
-    positive, negative = nodes.conditioning.WanLeanTextEncode().encode(t5, "a cat on the grass", "blurry")
-    return nodes.decode.WanLeanVAEDecode().decode(vae, sample(nodes, model, positive, negative))[0]
+    positive, negative = nodes.conditioning.WanLeanTextEncode.execute(t5, "a cat on the grass", "blurry")
+    return nodes.decode.WanLeanVAEDecode.execute(vae, sample(nodes, model, positive, negative))[0]
 
 
 GiB = 2 ** 30
@@ -312,12 +312,12 @@ def test_estimates_reach_load_models_gpu_and_partial_loads_match(nodes, fake_gpu
 def test_a14b_experts_take_turns_on_the_device(nodes, fake_gpu):
     """A budget that fits one expert (plus the activations): the low-noise expert's load unloads the high-noise
     one, the device never holds more than the budget, and the latent equals the unconstrained run's."""
-    high, = nodes.loaders.WanLeanModelLoader().load(HIGH, "default")
-    low, = nodes.loaders.WanLeanModelLoader().load(LOW, "default")
+    high, = nodes.loaders.WanLeanModelLoader.execute(HIGH, "default")
+    low, = nodes.loaders.WanLeanModelLoader.execute(LOW, "default")
     positive, negative = conds()
 
     def run():
-        return nodes.sampler.WanLeanSamplerA14B().sample(
+        return nodes.sampler.WanLeanSamplerA14B.execute(
             high, low, positive, negative, seed=3, steps=4, cfg_high_noise=4.0, cfg_low_noise=3.0, shift=12.0,
             sampler="unipc", boundary=0.875, **SIZE)[0]["samples"]
 
@@ -341,49 +341,49 @@ def test_a14b_experts_take_turns_on_the_device(nodes, fake_gpu):
 def test_cfg1_experts_ask_for_one_pass_of_activations(nodes, fake_gpu):
     """The 4-step preset (cfg 1 / 1): each A14B expert asks load_models_gpu for half the CFG batch's activations
     (one pass a step); with cfg 4 on the high-noise expert only that one asks for the CFG batch."""
-    high, = nodes.loaders.WanLeanModelLoader().load(HIGH, "default")
-    low, = nodes.loaders.WanLeanModelLoader().load(LOW, "default")
+    high, = nodes.loaders.WanLeanModelLoader.execute(HIGH, "default")
+    low, = nodes.loaders.WanLeanModelLoader.execute(LOW, "default")
     positive, negative = conds()
     cfg_batch = nodes.sampler.activation_memory(high.patcher.model, SHAPE, high.dtype)
     for cfgs, asked in (((1.0, 1.0), [cfg_batch // 2] * 2), ((4.0, 1.0), [cfg_batch, cfg_batch // 2])):
         mm.free_memory(1e30, FAKE)
         fake_gpu.loads.clear()
-        latent = nodes.sampler.WanLeanSamplerA14B().sample(
+        latent = nodes.sampler.WanLeanSamplerA14B.execute(
             high, low, positive, negative, seed=3, steps=4, cfg_high_noise=cfgs[0], cfg_low_noise=cfgs[1], shift=5.0,
             sampler="euler-distilled", boundary=0.875, **SIZE)[0]["samples"]
         assert [(p, m) for p, m, _ in fake_gpu.loads] == list(zip((high.patcher, low.patcher), asked))
         assert torch.isfinite(latent).all() and latent.std() > 0
 
 def _text(nodes):
-    t5, = nodes.loaders.WanLeanTextEncoderLoader().load("umt5_xxl_fp16.safetensors")
-    nodes.conditioning.WanLeanTextEncode().encode(t5, "a cat", "")
+    t5, = nodes.loaders.WanLeanTextEncoderLoader.execute("umt5_xxl_fp16.safetensors")
+    nodes.conditioning.WanLeanTextEncode.execute(t5, "a cat", "")
 
 
 def _clip(nodes):
-    clip, = nodes.image.WanLeanCLIPVisionLoader().load("clip_vision_h.safetensors")
-    nodes.image.WanLeanCLIPVisionEncode().encode(clip, torch.rand(1, 64, 64, 3))
+    clip, = nodes.image.WanLeanCLIPVisionLoader.execute("clip_vision_h.safetensors")
+    nodes.image.WanLeanCLIPVisionEncode.execute(clip, torch.rand(1, 64, 64, 3))
 
 
 def _dit(name, **extras):
     def run(nodes):
-        model, = nodes.loaders.WanLeanModelLoader().load(name, "default")
+        model, = nodes.loaders.WanLeanModelLoader.execute(name, "default")
         sample(nodes, model, *conds(**extras))
     return run
 
 
 def _vae(name):
     def run(nodes):
-        vae, = nodes.loaders.WanLeanVAELoader().load(name)
+        vae, = nodes.loaders.WanLeanVAELoader.execute(name)
         positive, _ = conds()
-        out, *_ = nodes.image.WanLeanImageToVideo().apply(positive, positive, vae, torch.rand(1, 32, 32, 3), 32, 32, 5)
+        out, *_ = nodes.image.WanLeanImageToVideo.execute(positive, positive, vae, torch.rand(1, 32, 32, 3), 32, 32, 5)
         extras = out[0][1]
         latent = extras.get("wanlean_y", extras.get("wanlean_first_frame"))[:, -vae.patcher.model.z_dim:]
-        nodes.decode.WanLeanVAEDecode().decode(vae, {"samples": latent})
+        nodes.decode.WanLeanVAEDecode.execute(vae, {"samples": latent})
     return run
 
 
 def _s2v(nodes):
-    model, = nodes.loaders.WanLeanModelLoader().load("wan2.2_s2v_14B_bf16.safetensors", "default")
+    model, = nodes.loaders.WanLeanModelLoader.execute("wan2.2_s2v_14B_bf16.safetensors", "default")
     net, g = model.load(0), torch.Generator().manual_seed(3)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     with torch.no_grad():
@@ -531,13 +531,13 @@ def test_long_video_experts_take_turns_in_every_clip(nodes, fake_gpu):
     clip the high-noise expert is loaded and then the low-noise one in its place, the VAE between the clips; the
     frames equal the unconstrained run's."""
     long_video = pack_module("long_video")
-    high, = nodes.loaders.WanLeanModelLoader().load(HIGH, "default")
-    low, = nodes.loaders.WanLeanModelLoader().load(LOW, "default")
-    vae, = nodes.loaders.WanLeanVAELoader().load("wan_2.1_vae.safetensors")
+    high, = nodes.loaders.WanLeanModelLoader.execute(HIGH, "default")
+    low, = nodes.loaders.WanLeanModelLoader.execute(LOW, "default")
+    vae, = nodes.loaders.WanLeanVAELoader.execute("wan_2.1_vae.safetensors")
     positive, negative = conds()
 
     def run():
-        return long_video.WanLeanLongVideo().generate(
+        return long_video.WanLeanLongVideo.execute(
             high, vae, positive, negative, seed=3, steps=4, cfg=4.0, shift=12.0, sampler="unipc", width=32, height=32,
             length=9 + 8, clip_length=9, overlap=1, low_noise_model=low, cfg_low_noise=3.0, boundary=0.875)[0]
 

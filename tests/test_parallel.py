@@ -213,17 +213,17 @@ def test_node_pool_parity_reuse_and_crash(smoke_models, smoke_loras):
     import folder_paths
     for kind in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
-    model = loaders.WanLeanModelLoader().load(T2V, "default")[0]
-    with_lora = lora.WanLeanLoraLoader().load(model, smoke_loras[1], 0.8)[0]
+    model = loaders.WanLeanModelLoader.execute(T2V, "default")[0]
+    with_lora = lora.WanLeanLoraLoader.execute(model, smoke_loras[1], 0.8)[0]
     g = torch.Generator().manual_seed(8)
     pos, neg = [[torch.randn(1, 6, 64, generator=g), {}]], [[torch.zeros(1, 3, 64), {}]]
     args = dict(seed=3, steps=2, cfg=4.0, shift=5.0, sampler="unipc", width=64, height=48, length=5)
-    node = node_module.WanLeanParallelSampler()
+    node = node_module.WanLeanParallelSampler
     layout = dict(devices="cpu:2", cfg_parallel=True, attention="auto")
     try:
-        out = node.sample(with_lora, pos, neg, **layout, **args)[0]["samples"]
+        out = node.execute(with_lora, pos, neg, **layout, **args)[0]["samples"]
         pool = node_module._POOL["pool"]
-        again = node.sample(with_lora, pos, neg, **layout, **args)[0]["samples"]
+        again = node.execute(with_lora, pos, neg, **layout, **args)[0]["samples"]
         assert node_module._POOL["pool"] is pool and torch.equal(out, again)
         pids = [p.pid for p in pool.procs]
         assert pool.run(_steps_job, 3) in pids
@@ -232,9 +232,9 @@ def test_node_pool_parity_reuse_and_crash(smoke_models, smoke_loras):
         assert not pool.alive and _gone(pids)
     finally:
         node_module.close_pool()
-    ref = sampler.WanLeanSampler().sample(with_lora, pos, neg, **args)[0]["samples"]
+    ref = sampler.WanLeanSampler.execute(with_lora, pos, neg, **args)[0]["samples"]
     scale_close(out, ref, rel=1e-5)
-    plain = sampler.WanLeanSampler().sample(model, pos, neg, **args)[0]["samples"]
+    plain = sampler.WanLeanSampler.execute(model, pos, neg, **args)[0]["samples"]
     assert (plain - ref).abs().max() > 1e-2 * ref.abs().max(), "the LoRA changed nothing"
 
 
@@ -244,25 +244,25 @@ def test_node_a14b_pair_equals_the_a14b_sampler(smoke_models):
     node_module, loaders, sampler = (pack_module(n) for n in ("parallel", "loaders", "sampler"))
     import folder_paths
     folder_paths.add_model_folder_path("diffusion_models", os.path.join(smoke_models, "diffusion_models"))
-    high, low = (loaders.WanLeanModelLoader().load(f"wan2.2_t2v_{n}_noise_14B_fp16.safetensors", "default")[0]
+    high, low = (loaders.WanLeanModelLoader.execute(f"wan2.2_t2v_{n}_noise_14B_fp16.safetensors", "default")[0]
                  for n in ("high", "low"))
     g = torch.Generator().manual_seed(9)
     pos, neg = [[torch.randn(1, 6, 64, generator=g), {}]], [[torch.zeros(1, 3, 64), {}]]
     args = dict(seed=5, steps=4, shift=12.0, sampler="unipc", width=64, height=48, length=5)
     try:
-        out = node_module.WanLeanParallelSampler().sample(
+        out = node_module.WanLeanParallelSampler.execute(
             high, pos, neg, cfg=4.0, devices="cpu:2", cfg_parallel=False, attention="auto", low_noise_model=low,
             cfg_low_noise=3.0, boundary=0.875, **args)[0]["samples"]
-        other = loaders.WanLeanModelLoader().load("wan2.2_i2v_low_noise_14B_fp16.safetensors", "default")[0]
+        other = loaders.WanLeanModelLoader.execute("wan2.2_i2v_low_noise_14B_fp16.safetensors", "default")[0]
         with pytest.raises(ValueError, match="low_noise_model is"):
-            node_module.WanLeanParallelSampler().sample(high, pos, neg, cfg=4.0, devices="cpu:2", cfg_parallel=False,
+            node_module.WanLeanParallelSampler.execute(high, pos, neg, cfg=4.0, devices="cpu:2", cfg_parallel=False,
                                                         attention="auto", low_noise_model=other, **args)
     finally:
         node_module.close_pool()
-    ref = sampler.WanLeanSamplerA14B().sample(high, low, pos, neg, cfg_high_noise=4.0, cfg_low_noise=3.0,
+    ref = sampler.WanLeanSamplerA14B.execute(high, low, pos, neg, cfg_high_noise=4.0, cfg_low_noise=3.0,
                                               boundary=0.875, **args)[0]["samples"]
     scale_close(out, ref, rel=1e-5)
-    high_only = sampler.WanLeanSampler().sample(high, pos, neg, cfg=4.0, **args)[0]["samples"]
+    high_only = sampler.WanLeanSampler.execute(high, pos, neg, cfg=4.0, **args)[0]["samples"]
     assert (high_only - ref).abs().max() > 1e-2 * ref.abs().max(), "the low-noise expert changed nothing"
 
 
@@ -273,8 +273,8 @@ def test_node_model_source(smoke_models, smoke_loras):
     import folder_paths
     for kind in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
-    model = loaders.WanLeanModelLoader().load(T2V, "fp8_e4m3fn")[0]
-    stacked = lora.WanLeanLoraLoader().load(lora.WanLeanLoraLoader().load(model, smoke_loras[0], 1.0)[0],
+    model = loaders.WanLeanModelLoader.execute(T2V, "fp8_e4m3fn")[0]
+    stacked = lora.WanLeanLoraLoader.execute(lora.WanLeanLoraLoader.execute(model, smoke_loras[0], 1.0)[0],
                                             smoke_loras[1], -0.5)[0]
     source = node_module.model_source(stacked)
     assert source.path.endswith(T2V) and source.weight_dtype == "float8_e4m3fn"
@@ -289,7 +289,7 @@ def test_node_model_source(smoke_models, smoke_loras):
     assert not torch.equal(sd[key], rounded[key]) and torch.equal(sd[key], sd[key].to(torch.float8_e4m3fn).float())
     with pytest.raises(ValueError, match="no record of the file .* connect Wan Load Diffusion Model"):
         node_module.model_source(dataclasses.replace(model, extra={}))
-    gguf = loaders.WanLeanModelLoader().load("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
+    gguf = loaders.WanLeanModelLoader.execute("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
     with pytest.raises(ValueError, match="GGUF-quantised.*load a bf16/fp16/fp8 file"):
         node_module.model_source(gguf)
 

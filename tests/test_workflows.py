@@ -102,11 +102,11 @@ def test_every_sampler_choice_runs_in_a_workflow_test(server):
     """Each option of the samplers' `sampler` COMBO (read from /object_info, so a new one cannot escape) is used by a
     bundled workflow or one of SAMPLER_OVERRIDES in the runs above (all sampler nodes share wan_core.sampling)."""
     import json
-    from workflow_api import ui_to_api
+    from workflow_api import combo_options, ui_to_api
     info = server.object_info()
-    options = set(info["WanLeanSampler"]["input"]["required"]["sampler"][0])
+    options = set(combo_options(info["WanLeanSampler"]["input"]["required"]["sampler"]))
     for node in ("WanLeanSamplerA14B", "WanLeanSpeechToVideo", "WanLeanParallelSampler"):
-        assert set(info[node]["input"]["required"]["sampler"][0]) == options, node
+        assert set(combo_options(info[node]["input"]["required"]["sampler"])) == options, node
     used = {v for o in SAMPLER_OVERRIDES.values() for k, v in o.items() if k.endswith(".sampler")}
     for name in WORKFLOWS:
         with open(os.path.join(ROOT, "workflows", name), encoding="utf-8") as f:

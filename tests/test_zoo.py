@@ -34,6 +34,7 @@ from wan_core.tokenizer import UMT5Tokenizer
 from wan_core.vae import WanVAE21
 from wan_core.vae22 import WanVAE22
 from wan_core.wav2vec2 import Wav2Vec2
+from workflow_api import combo_options
 
 import zoo
 
@@ -133,14 +134,14 @@ def reference_output(row, lora=None):
 def node_load(row):
     """The row's file through its loader node's load(): the node's Handle."""
     if row.folder == "diffusion_models":
-        return pack_module("loaders").WanLeanModelLoader().load(row.path, "default")[0]
+        return pack_module("loaders").WanLeanModelLoader.execute(row.path, "default")[0]
     if row.folder == "text_encoders":
-        return pack_module("loaders").WanLeanTextEncoderLoader().load(row.path)[0]
+        return pack_module("loaders").WanLeanTextEncoderLoader.execute(row.path)[0]
     if row.folder == "vae":
-        return pack_module("loaders").WanLeanVAELoader().load(row.path)[0]
+        return pack_module("loaders").WanLeanVAELoader.execute(row.path)[0]
     if row.folder == "clip_vision":
-        return pack_module("image").WanLeanCLIPVisionLoader().load(row.path)[0]
-    return pack_module("s2v").WanLeanAudioEncoderLoader().load(row.path)[0]
+        return pack_module("image").WanLeanCLIPVisionLoader.execute(row.path)[0]
+    return pack_module("s2v").WanLeanAudioEncoderLoader.execute(row.path)[0]
 
 
 def node_output(row):
@@ -148,7 +149,7 @@ def node_output(row):
         handle = node_load(row)
         return run_model(kind_of(row), handle.patcher.model, handle.extra.get("tokenizer"))
     base = node_load(zoo.Row(f"reference/{row.model}_fp32.safetensors", "diffusion_models", "", row.model, "", "fp32"))
-    patched = pack_module("lora").WanLeanLoraLoader().load(base, row.path, 1.0)[0].patcher
+    patched = pack_module("lora").WanLeanLoraLoader.execute(base, row.path, 1.0)[0].patcher
     patched.patch_model()
     try:
         return run_model("dit", patched.model)
@@ -239,7 +240,7 @@ def server_graph():
 def test_zoo_rows_through_server(zoo_dir, server):
     from safetensors.torch import load_file
     zoo.write_zoo(zoo_dir, [r for r in zoo.ZOO if r.server])
-    listed = server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"][0]
+    listed = combo_options(server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"])
     assert {r.path for r in zoo.ZOO if r.server and r.folder == "diffusion_models"} <= set(listed)
     api, pairs = server_graph()
     entry = server.run(api)
