@@ -7,7 +7,7 @@ from safetensors.torch import save_file
 
 from wan_core.checkpoint import CheckpointError, load_for, read_file
 from wan_core.dit import WanDiT
-from wan_core.smoke import randomize_, write_sharded
+from fixtures.smoke import randomize_, write_sharded
 
 DIT = "head.modulation"
 

@@ -19,7 +19,7 @@ from wan_core import parallel
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from wan_core.s2v import WanS2V
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 TEXT = 32
 T2V = "wan2.1_t2v_1.3B_fp16.safetensors"

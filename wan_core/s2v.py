@@ -52,8 +52,6 @@ MOTION_BUCKETS = ((1, 1), (2, 2), (16, 4))  # (latent frames, compression), newe
 MOTION_LATENTS = sum(f for f, _ in MOTION_BUCKETS)  # 19 = (73 motion pixel frames + 3) // 4
 AUDIO_PREFIX = 73
 REF_TIME = 30
-# smoke sizes (+ text_dim of the smoke T5); audio_dim / audio_layers = the smoke wav2vec2's width / hidden states
-SMOKE = dict(dim=256, ffn_dim=512, num_layers=5, audio_dim=128, audio_layers=25)
 
 
 def is_s2v_state_dict(sd):
