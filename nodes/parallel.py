@@ -1,4 +1,4 @@
-"""Multi-device sampling: one worker process per device (wan_core.parallel.WorkerPool), each holding its own copy of
+"""Multi-device sampling: one worker process per device (wan_core.workers.WorkerPool), each holding its own copy of
 the model, sequence-parallel (Ulysses attention, ring attention where the head count does not divide) and optionally
 CFG-parallel; the ComfyUI process feeds the job and gets the latent back.
 
@@ -10,7 +10,6 @@ device, so /free (unload models), or another model needing that device's memory,
 import atexit
 import logging
 import os
-import sys
 
 import torch
 
@@ -18,19 +17,11 @@ import comfy.model_management as mm
 import comfy.model_patcher
 from comfy.patcher_extension import CallbacksMP
 
-# The workers are spawned processes that unpickle their job by module name: the pack's own package name exists
-# only inside ComfyUI, so the core is imported here under its top-level name from the pack's folder.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-from wan_core.dit import HEAD_DIM  # noqa: E402
-from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, check_devices,  # noqa: E402
-                                check_layout, parse_devices, sample_job)
-from wan_core.pipeline import Cond  # noqa: E402
-
-if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
-    raise ImportError(f"another 'wan_core' package ({sys.modules['wan_core'].__file__}) shadows this pack's")
-from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
+from ..wan_core.dit import HEAD_DIM
+from ..wan_core.model_source import DiTFiles, ModelSource
+from ..wan_core.parallel import ATTENTION_MODES, sample_job
+from ..wan_core.pipeline import Cond, check_video_size, latent_shape, spatial_stride
+from ..wan_core.workers import WorkerPool, check_devices, check_layout, parse_devices
 from .common import CATEGORY, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
 from .sampler import activation_memory, cfg_widget, check_experts, check_fit, passes, to_cond, widgets

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from conftest import import_comfy, scale_close
 from test_attention import qkv, reference
-from wan_core import attention as att, convert, parallel
+from wan_core import attention as att, convert, parallel, sp_attention
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from fixtures.smoke import randomize_
@@ -48,7 +48,7 @@ def test_ring_blocks_merge_on_cuda(dtype):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # the ring works on [B, H, L, D]
     out = lse = None
     for lo, hi in ((0, 250), (250, 251), (251, 700)):
-        out, lse = parallel.merge_attention(out, lse, *parallel.block_attention(q, k[:, :, lo:hi], v[:, :, lo:hi]))
+        out, lse = sp_attention.merge_attention(out, lse, *sp_attention.block_attention(q, k[:, :, lo:hi], v[:, :, lo:hi]))
     ref = reference(*(t.transpose(1, 2) for t in (q, k, v))).float()
     scale_close(out.transpose(1, 2).flatten(2), ref, rel=2e-2)
 

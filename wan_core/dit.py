@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import parallel
+from . import sp_hooks
 from .attention import attention, use_backend
 from .cache import block0_signal
 from .checks import check_weights
@@ -121,7 +121,7 @@ class SelfAttention(Attention):
     def forward(self, x, rope):
         q = apply_rope(self.split(self.norm_q(self.q(x))), rope)
         k = apply_rope(self.split(self.norm_k(self.k(x))), rope)
-        return self.o(parallel.self_attention(q, k, self.split(self.v(x))))
+        return self.o(sp_hooks.self_attention(q, k, self.split(self.v(x))))
 
 
 class CrossAttention(Attention):
@@ -270,7 +270,7 @@ class WanDiT(nn.Module):
                                  f"{self.img_emb.proj[0].normalized_shape[0]}: use the model's CLIP (clip_vision_h)")
             context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
-        sp = parallel.current()  # a sequence-parallel run: this rank's tokens only (wan_core.parallel)
+        sp = sp_hooks.current()  # a sequence-parallel run: this rank's tokens only (wan_core.sp_hooks)
         if sp is not None:
             x, rope, e, e0 = sp.shard(x, rope, e, e0)
 

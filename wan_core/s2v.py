@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import parallel
+from . import sp_hooks
 from .dit import HEAD_DIM, CrossAttention, WanDiT, layer_norm_f32, rope_positions
 
 AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
@@ -229,13 +229,13 @@ class WanS2V(WanDiT):
         context = self.embed_text(context.to(dtype))
         motion_hw = None if motion_latent is None else tuple(motion_latent.shape[-2:])
         rope = self.s2v_rope(grid, ref.shape[2:], motion_hw, x.device)
-        sp = parallel.current()  # a sequence-parallel run: this rank's tokens only (wan_core.parallel)
+        sp = sp_hooks.current()  # a sequence-parallel run: this rank's tokens only (wan_core.sp_hooks)
         if sp is not None:
             x, rope = sp.shard(x, rope)
             segments = sp.segments(segments)
         for i, block in enumerate(self.blocks):
             x = block(x, e0, rope, context, segments=segments)
-            x = parallel.inject_audio(self.audio_injector, x, i, n, audio_tokens, audio_global)
+            x = sp_hooks.inject_audio(self.audio_injector, x, i, n, audio_tokens, audio_global)
         if sp is None:
             return self.unpatchify(self.head(x[:, :n], e[:, :1], dtype), grid)
         return self.unpatchify(sp.gather(self.head(x, e[:, :1], dtype), n), grid)
