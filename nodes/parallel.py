@@ -20,11 +20,11 @@ from comfy.patcher_extension import CallbacksMP
 from ..wan_core.dit import HEAD_DIM
 from ..wan_core.model_source import DiTFiles, ModelSource
 from ..wan_core.parallel import ATTENTION_MODES, sample_job
-from ..wan_core.pipeline import Cond, check_video_size, latent_shape, spatial_stride
+from ..wan_core.pipeline import Cond
 from ..wan_core.workers import WorkerPool, check_devices, check_layout, parse_devices
 from .common import CATEGORY, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
-from .sampler import activation_memory, cfg_widget, check_experts, check_fit, passes, to_cond, widgets
+from .sampler import activation_memory, cfg_widget, check_experts, checked_inputs, passes, widgets
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -132,10 +132,8 @@ class WanLeanParallelSampler:
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
         net = model.patcher.model
-        cond, uncond = to_cond(positive, "positive", net), to_cond(negative, "negative", net)
-        check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
-        shape = latent_shape(width, height, length, net.out_dim)
-        check_fit(model, cond, shape)
+        handles = [model] if low_noise_model is None else [model, low_noise_model]
+        cond, uncond, shape = checked_inputs(handles, positive, negative, width, height, length)
         sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
         batch = max(passes(g) for _, g, _ in plan)
         if cfg_parallel and batch == 1:

@@ -141,7 +141,7 @@ def _decode(pack, variants, name):
     """Decode of a fixed small latent by the VAE in models/vae/<name>, loaded as WanLeanVAELoader loads it."""
     if name not in _DECODED:
         ckpt = pack.core("checkpoint").load_vae(os.path.join(variants, "vae", name))
-        family = pack.core("vae22").WanVAE22 if ckpt.sd["conv2.weight"].shape[0] == 48 else pack.core("vae").WanVAE21
+        family = pack.core("vae22").WanVAE22 if pack.core("vae22").is_vae22(ckpt.sd) else pack.core("vae").WanVAE21
         vae = family.from_state_dict(ckpt.sd, ops=pack.ops.ops_for(ckpt))
         z = torch.randn(1, vae.z_dim, 2, 2, 2, generator=torch.Generator().manual_seed(1))
         _DECODED[name] = (ckpt.layout, vae.decode(z))

@@ -194,6 +194,11 @@ class Head(nn.Module):
         return self.head(torch.addcmul(shift, layer_norm_f32(x, self.eps), 1 + scale).to(dtype))
 
 
+def is_s2v_state_dict(sd):
+    """Whether a state dict is Wan2.2-S2V's (its audio encoder or injector keys; wan_core.s2v.WanS2V loads it)."""
+    return any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd)
+
+
 class WanDiT(nn.Module):
     """The Wan DiT for every non-audio variant, chosen by config (read from the weights):
     T2V (in 16), I2V/FLF2V (in 36 + CLIP image branch; FLF2V with a 514-token position table),
@@ -321,7 +326,7 @@ class WanDiT(nn.Module):
     @classmethod
     def check_state_dict(cls, sd):
         """Refuse a checkpoint that belongs to another model class, naming the class that loads it."""
-        if any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd):
+        if is_s2v_state_dict(sd):
             raise ValueError("this is a Wan2.2-S2V (speech-to-video) checkpoint: load it with wan_core.s2v.WanS2V "
                              "(the S2V model loader), not as a text/image-to-video model")
 

@@ -45,17 +45,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import sp_hooks
-from .dit import HEAD_DIM, CrossAttention, WanDiT, layer_norm_f32, rope_positions
+from .dit import (HEAD_DIM, CrossAttention, WanDiT, is_s2v_state_dict,  # noqa: F401  (is_s2v_state_dict: also here)
+                  layer_norm_f32, rope_positions)
 
 AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 MOTION_BUCKETS = ((1, 1), (2, 2), (16, 4))  # (latent frames, compression), newest first
 MOTION_LATENTS = sum(f for f, _ in MOTION_BUCKETS)  # 19 = (73 motion pixel frames + 3) // 4
 AUDIO_PREFIX = 73
 REF_TIME = 30
-
-
-def is_s2v_state_dict(sd):
-    return any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd)
 
 
 def spread(start, span, n):

@@ -32,8 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ProjectedAttention
-from .checkpoint import assign_weights
-from .checkpoint import describe
+from .keys import assign_weights, describe, prefix_of, strip_prefix
 from .clip import _norm as norm_f32
 
 CONV_LAYERS = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2  # (kernel, stride) of the feature encoder
@@ -201,16 +200,14 @@ _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 def to_internal(sd):
     """HF-layout keys without their prefix (`wav2vec2.`, ...), weight norm as weight_g/weight_v; other keys
     (lm_head, masked_spec_embed, quantizer, ...) dropped."""
-    prefix = next((k[: -len(MARKER)] for k in sd if k.endswith(MARKER)), None)
+    prefix = prefix_of(sd, MARKER)
     if prefix is None:
         raise ValueError(f"not a wav2vec2 audio encoder: it looks like {describe(sd)}; {FILES}")
     out = {}
-    for key, value in sd.items():
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            for old, new in _PARAMETRIZED.items():
-                key = key.replace(old, new)
-            out[key] = value
+    for key, value in strip_prefix(sd, prefix).items():
+        for old, new in _PARAMETRIZED.items():
+            key = key.replace(old, new)
+        out[key] = value
     return out
 
 
