@@ -54,7 +54,7 @@ FP16, BF16, FP32, E4M3 = torch.float16, torch.bfloat16, torch.float32, torch.flo
 # stated error of each precision: max |output - fp32 original's output| / max |fp32 original's output|
 TOLERANCE = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2.5e-2, "fp8_e4m3fn": 8e-2, "fp8_scaled": 8e-2,
              "Q8_0": 2e-2, "Q6_K": 4e-2, "Q5_K_M": 8e-2, "Q4_K_M": 0.2}
-MODELS = {  # family -> the smoke model it is made from (wan_core.smoke)
+MODELS = {  # family -> the smoke model it is made from (fixtures.smoke)
     "t2v-1.3B": "wan2.1_t2v_1.3B_fp16.safetensors", "t2v-14B": "wan2.1_t2v_14B_fp16.safetensors",
     "i2v-480p": "wan2.1_i2v_480p_14B_fp16.safetensors", "i2v-720p": "wan2.1_i2v_720p_14B_fp16.safetensors",
     "flf2v": "wan2.1_flf2v_720p_14B_fp16.safetensors",
