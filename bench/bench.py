@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import IMPLS, dit_flops, i2v_support, runner, tokens  # noqa: E402
+from cases import IMPLS, dit_flops, runner, tokens  # noqa: E402
 from cache_sweep import sweep, sweep_table  # noqa: E402
 from common import ROOT, load_average, peak_probe, rel_diff, release_free_memory, timed, use_cpu_clock  # noqa: E402
 
@@ -129,8 +129,6 @@ def memory_case(case, cfg):
 
 
 def run_case(case, cfg, cache, args):
-    if case == "dit_i2v" and i2v_support():
-        return dict(skipped=i2v_support())
     t0 = time.time()
     result = time_case(case, cfg, cache)
     if cfg["mem"] and not args.no_memory:

@@ -6,7 +6,6 @@ ComfyUI picks on that device: sub-quadratic on CPU, SDPA on NVIDIA), "native-sdp
 model with ComfyUI's pytorch attention, to isolate the attention choice), "ours-tiled" (tiled VAE decode),
 "ours-compiled" (DiT cases with --compile: our model with its blocks through torch.compile, wan_core.compile).
 """
-import inspect
 import math
 
 import torch
@@ -28,13 +27,6 @@ IMPLS = {
     "vae22_decode": ("ours", "ours-tiled", "native"),
     "vae22_encode": ("ours", "native"),
 }
-
-
-def i2v_support():
-    """Why our WanDiT cannot run i2v (None when it can: it takes clip_dim and a clip input)."""
-    if "clip_dim" not in inspect.signature(WanDiT.__init__).parameters:
-        return "wan_core.dit.WanDiT has no image-to-video (img_emb) support here"
-    return None
 
 
 def _dit_kwargs(cfg, i2v):

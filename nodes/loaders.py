@@ -15,7 +15,7 @@ from ..wan_core.s2v import WanS2V, is_s2v_state_dict
 from ..wan_core.t5 import UMT5Encoder
 from ..wan_core.tokenizer import UMT5Tokenizer
 from ..wan_core.vae import WanVAE21
-from ..wan_core.vae22 import WanVAE22
+from ..wan_core.vae22 import WanVAE22, is_vae22
 from .common import (WEIGHT_DTYPES, Handle, WanLeanModel, WanLeanNode, WanLeanTextEncoder, WanLeanVAE, casting_ops,
                      compute_dtype)
 from .ops import ops_for
@@ -30,12 +30,6 @@ if GGUF_FILES not in folder_paths.folder_names_and_paths:
 
 def diffusion_model_files():
     return sorted(folder_paths.get_filename_list("diffusion_models") + folder_paths.get_filename_list(GGUF_FILES))
-
-
-def is_vae22(sd):
-    """The Wan 2.2 VAE has 48 latent channels: its 1x1 `conv1` maps 96 -> 96 (the 2.1 VAE's 32 -> 32)."""
-    w = sd.get("conv1.weight")
-    return w is not None and w.shape[0] == 96
 
 
 class WanLeanModelLoader(WanLeanNode):

@@ -1,4 +1,4 @@
-"""Multi-device sampling: one worker process per device (wan_core.parallel.WorkerPool), each holding its own copy of
+"""Multi-device sampling: one worker process per device (wan_core.workers.WorkerPool), each holding its own copy of
 the model, sequence-parallel (Ulysses attention, ring attention where the head count does not divide) and optionally
 CFG-parallel; the ComfyUI process feeds the job and gets the latent back.
 
@@ -10,7 +10,6 @@ device, so /free (unload models), or another model needing that device's memory,
 import atexit
 import logging
 import os
-import sys
 
 import torch
 
@@ -19,23 +18,15 @@ import comfy.model_patcher
 from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
-# The workers are spawned processes that unpickle their job by module name: the pack's own package name exists
-# only inside ComfyUI, so the core is imported here under its top-level name from the pack's folder.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-    sys.path.append(_ROOT)
-from wan_core.dit import HEAD_DIM  # noqa: E402
-from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, check_devices,  # noqa: E402
-                                check_layout, parse_devices, sample_job)
-from wan_core.pipeline import Cond  # noqa: E402
-
-if not os.path.abspath(sys.modules["wan_core"].__file__).startswith(_ROOT):
-    raise ImportError(f"another 'wan_core' package ({sys.modules['wan_core'].__file__}) shadows this pack's")
-from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
+from ..wan_core.dit import HEAD_DIM
+from ..wan_core.model_source import DiTFiles, ModelSource
+from ..wan_core.parallel import ATTENTION_MODES, sample_job
+from ..wan_core.pipeline import Cond
+from ..wan_core.workers import WorkerPool, check_devices, check_layout, parse_devices
 from .common import WanLeanNode, WanLeanModel, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
-from .sampler import (activation_memory, cfg_input, check_experts, check_fit, cond_inputs, low_noise_inputs, passes,
-                      sampling_inputs, to_cond)
+from .sampler import (activation_memory, cfg_input, check_experts, checked_inputs, cond_inputs, low_noise_inputs, passes,
+                      sampling_inputs)
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -132,10 +123,8 @@ class WanLeanParallelSampler(WanLeanNode):
         device = torch.device(devices[0])
         dtype = torch.float32 if device.type == "cpu" else compute_dtype(device)
         net = model.patcher.model
-        cond, uncond = to_cond(positive, "positive", net), to_cond(negative, "negative", net)
-        check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
-        shape = latent_shape(width, height, length, net.out_dim)
-        check_fit(model, cond, shape)
+        handles = [model] if low_noise_model is None else [model, low_noise_model]
+        cond, uncond, shape = checked_inputs(handles, positive, negative, width, height, length)
         sources, plan = experts(model, cfg, low_noise_model, cfg_low_noise, boundary)
         batch = max(passes(g) for _, g, _ in plan)
         if cfg_parallel and batch == 1:

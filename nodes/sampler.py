@@ -193,18 +193,26 @@ def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
             for h, cfg, min_t in models_cfgs]
 
 
+def checked_inputs(handles, positive, negative, width, height, length):
+    """What every sampler node checks before sampling, in one order: the conditionings against the (first) model, the
+    size and length, the experts' agreement, each model against its image conditioning. -> (cond, uncond, shape)."""
+    net = handles[0].patcher.model
+    cond, uncond = (to_cond(c, n, net) for c, n in ((positive, "positive"), (negative, "negative")))
+    check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))
+    shape = latent_shape(width, height, length, net.out_dim)
+    check_experts(handles)
+    for handle in handles:
+        check_fit(handle, cond, shape)
+    return cond, uncond, shape
+
+
 def run(models_cfgs, positive, negative, node_id, seed, steps, shift, sampler, width, height, length,
         cache_threshold=0.0, cache_interval=0, seed_mode="comfy"):
     """models_cfgs: [(handle, cfg, min_t)], high-noise first. Loads each expert through ComfyUI when reached;
     with caching on, each expert gets its own step cache and the skipped calls are logged."""
     first = models_cfgs[0][0]
-    cond, uncond = (to_cond(c, n, first.patcher.model) for c, n in ((positive, "positive"), (negative, "negative")))
+    cond, uncond, shape = checked_inputs([h for h, *_ in models_cfgs], positive, negative, width, height, length)
     channels = first.patcher.model.out_dim
-    check_video_size(width, height, length, 2 * spatial_stride(channels))
-    shape = latent_shape(width, height, length, channels)
-    check_experts([h for h, *_ in models_cfgs])
-    for handle, *_ in models_cfgs:
-        check_fit(handle, cond, shape)
     check_memory(first, shape, max(passes(cfg) for _, cfg, _ in models_cfgs))
     experts = make_experts(models_cfgs, shape, cache_threshold, cache_interval)
     latent = generate(experts, cond, uncond, seed=seed, steps=steps, shift=shift, sampler=sampler, width=width,

@@ -2,7 +2,7 @@
 
     python scripts/run_workflow.py workflows/X.json [--models DIR] [--set Class.input=value ...] [--out DIR] [--smoke]
 
-Without --models the tiny smoke checkpoints in .smoke/models are used (written first by `python -m wan_core.smoke`
+Without --models the tiny smoke checkpoints in .smoke/models are used (written first by `python -m fixtures.smoke`
 when missing or when --smoke is given), at a reduced size (SMOKE_SIZE) unless --full-size. Prints the written files; exits 1 with the server's error on failure.
 """
 import argparse
@@ -58,7 +58,7 @@ def main(argv=None):
         workflow = json.load(f)
     if args.models is None:  # idempotent: writes only what a previous run did not
         force = ["--force"] if args.smoke else []
-        if subprocess.run([host_python(), "-m", "wan_core.smoke", SMOKE_MODELS, *force], cwd=REPO_ROOT).returncode:
+        if subprocess.run([host_python(), "-m", "fixtures.smoke", SMOKE_MODELS, *force], cwd=REPO_ROOT).returncode:
             print("error: writing the smoke checkpoints failed", file=sys.stderr)
             return 1
     try:

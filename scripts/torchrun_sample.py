@@ -27,7 +27,8 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from wan_core.parallel import ATTENTION_MODES, DiTFiles, ModelSource, make_mesh, sample_job  # noqa: E402
+from wan_core.model_source import DiTFiles, ModelSource  # noqa: E402
+from wan_core.parallel import ATTENTION_MODES, make_mesh, sample_job  # noqa: E402
 from wan_core.pipeline import Cond  # noqa: E402
 from wan_core.sampling import SAMPLERS  # noqa: E402
 

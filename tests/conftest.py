@@ -40,7 +40,7 @@ def scale_close(ours, ref, rel=1e-4):
 @pytest.fixture(scope="session")
 def smoke_models():
     """The smoke models folder (tiny random checkpoints in the real layouts), written once."""
-    from wan_core.smoke import write_all
+    from fixtures.smoke import write_all
     return write_all(SMOKE_MODELS)
 
 

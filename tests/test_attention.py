@@ -133,7 +133,7 @@ def test_use_backend_overrides_the_default_and_restores(monkeypatch):
 
 def tiny_dit(backend=None, seed=0):
     from wan_core.dit import WanDiT
-    from wan_core.smoke import randomize_
+    from fixtures.smoke import randomize_
     model = randomize_(WanDiT(dim=256, ffn_dim=256, num_layers=2, text_dim=32, freq_dim=32), seed=seed).eval()
     model.attention_backend = backend
     return model
@@ -211,7 +211,7 @@ def test_backends_do_not_leak_between_threads(picks):
 def test_s2v_model_uses_its_backend_in_the_audio_injector_too(picks):
     from test_s2v import TINY, inputs
     from wan_core.s2v import WanS2V
-    from wan_core.smoke import randomize_
+    from fixtures.smoke import randomize_
     model = randomize_(WanS2V(**TINY), seed=1).eval()
     model.attention_backend = "sage"
     a = inputs()

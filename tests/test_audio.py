@@ -14,7 +14,8 @@ from conftest import HOST, ROOT, import_comfy, scale_close
 from wan_core import audio
 from wan_core.audio import (audio_buckets, clips_for, from_comfy_audio, load_audio, prepare, resample,
                             to_comfy_audio, trim_to_video, video_frames)
-from wan_core.wav2vec2 import Wav2Vec2, conv_output_length, smoke_state_dict
+from fixtures.smoke import wav2vec2_state as smoke_state_dict
+from wan_core.wav2vec2 import Wav2Vec2, conv_output_length
 
 TINY = dict(embed_dim=64, num_heads=4, num_layers=2)  # ComfyUI's class fixes conv width 512, pos conv 128/16
 

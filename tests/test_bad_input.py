@@ -231,9 +231,9 @@ def _narrow_text_encoder(path):
     """A umT5 in ComfyUI's layout (with its tokenizer) 32 wide instead of the smoke models' 64: its features are
     what another text encoder's look like to the Wan sampler."""
     import numpy as np
-    from wan_core.smoke import T5_TINY, _vocab_size, official_to_hf
+    from fixtures.smoke import T5_TINY, _vocab_size, official_to_hf
     from wan_core.t5 import UMT5Encoder
-    from wan_core.tokenizer import train_smoke_spm
+    from fixtures.tokenizer import train_smoke_spm
     spm = train_smoke_spm(seed=0)
     t5 = UMT5Encoder(vocab=_vocab_size(spm), **dict(T5_TINY, dim=32))
     sd = official_to_hf({k: v.detach().half() for k, v in t5.state_dict().items()})

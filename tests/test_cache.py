@@ -5,7 +5,7 @@ import torch
 from wan_core.cache import StepCache
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 ARGS = dict(seed=0, steps=12, shift=5.0, sampler="unipc", width=64, height=64, length=5)
 

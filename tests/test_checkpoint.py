@@ -5,11 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from wan_core.checkpoint import CheckpointError, load_for, read_file
+from wan_core.checkpoint import CheckpointError, load_dit, read_file
 from wan_core.dit import WanDiT
-from wan_core.smoke import randomize_, write_sharded
+from fixtures.smoke import randomize_, write_sharded
 
-DIT = "head.modulation"
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,8 @@ def test_prefix_and_pth(tmp_path, dit_sd):
     save_file({"model.diffusion_model." + k: v for k, v in dit_sd.items()} | {"first_stage_model.x": torch.ones(1)},
               tmp_path / "comfy.safetensors")
     torch.save(dit_sd, tmp_path / "official.pth")
-    same(load_for(str(tmp_path / "comfy.safetensors"), DIT, "a Wan model", ""), dit_sd)
-    same(load_for(str(tmp_path / "official.pth"), DIT, "a Wan model", ""), dit_sd)
+    same(load_dit(str(tmp_path / "comfy.safetensors")).sd, dit_sd)
+    same(load_dit(str(tmp_path / "official.pth")).sd, dit_sd)
 
 
 def test_sharded_by_shard_index_or_folder(tmp_path, dit_sd):
@@ -42,8 +41,8 @@ def test_sharded_by_shard_index_or_folder(tmp_path, dit_sd):
 
 def test_wrong_kind_and_corrupt_files(tmp_path):
     save_file({"decoder.conv1.weight": torch.zeros(1), "encoder.conv1.weight": torch.zeros(1)}, tmp_path / "vae.safetensors")
-    with pytest.raises(CheckpointError, match="'vae.safetensors' is not a Wan model: it looks like a video VAE"):
-        load_for(str(tmp_path / "vae.safetensors"), DIT, "a Wan model", "")
+    with pytest.raises(CheckpointError, match="'vae.safetensors' is not a Wan diffusion model: it looks like a video VAE"):
+        load_dit(str(tmp_path / "vae.safetensors"))
     data = (tmp_path / "vae.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupt"):

@@ -46,7 +46,7 @@ def test_sampler_stops_at_the_first_nan_step():
 def test_every_smoke_file_is_finite(tmp_path):
     """The smoke writer's files hold no NaN/inf (clip_vision_h once held an inf class embedding: black I2V videos).
     Written afresh: the shared smoke folder also holds the bad-input tests' deliberately broken files."""
-    from wan_core.smoke import write_all
+    from fixtures.smoke import write_all
     smoke_models = write_all(str(tmp_path))
     files = [f for f in glob.glob(os.path.join(smoke_models, "**", "*"), recursive=True)
              if f.endswith((".safetensors", ".pth"))]

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import import_comfy, scale_close
-from wan_core.clip import WanCLIPVision, clip_preprocess, from_comfy_output
+from wan_core.clip import WanCLIPVision, clip_preprocess
 
 DIM, HEADS, LAYERS, PATCH, GRID = 64, 4, 3, 14, 4
 SIZE = PATCH * GRID  # 56 px: a 4x4 patch grid + class token = 17 tokens
@@ -116,8 +116,7 @@ def test_encode_image_matches_comfy_clip_vision_output(hf, ours, tmp_path, monke
     with torch.no_grad():
         out = clip.encode_image(image, crop=True)
         tokens = ours(image.movedim(-1, 1) * 2 - 1)
-    scale_close(tokens, from_comfy_output(out))
-    assert from_comfy_output(out) is out.penultimate_hidden_states
+    scale_close(tokens, out.penultimate_hidden_states)  # ComfyUI's CLIP_VISION_OUTPUT is our tokens as they are
 
 
 def test_preprocess_vs_comfy():
@@ -183,5 +182,3 @@ def test_incomplete_or_misused_inputs(hf, ours):
         ours(torch.rand(1, SIZE, SIZE, 3))
     with pytest.raises(ValueError, match="forward"):
         ours.forward_preprocessed(torch.rand(1, 3, 224, 224))
-    with pytest.raises(ValueError, match="penultimate_hidden_states"):
-        from_comfy_output(torch.zeros(TOKENS, DIM))

@@ -22,7 +22,7 @@ from wan_core.compile import compile_blocks
 from wan_core.dit import Block, WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from wan_core.s2v import WanS2V
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 import_comfy()
 import comfy.model_management as mm  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 from wan_core.conditioning import fit, image_latents, to_pixels
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
-from wan_core.smoke import VAE22_TINY, VAE_TINY, randomize_
+from fixtures.smoke import VAE22_TINY, VAE_TINY, randomize_
 from wan_core.vae import WanVAE21
 from wan_core.vae22 import WanVAE22
 

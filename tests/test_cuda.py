@@ -11,10 +11,11 @@ import torch.multiprocessing as mp
 
 from conftest import import_comfy, scale_close
 from test_attention import qkv, reference
-from wan_core import attention as att, convert, parallel
+from wan_core import attention as att, convert, parallel, sp_attention
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
+from fixtures.variants import to_scaled_fp8
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 TINY = dict(dim=256, ffn_dim=512, num_layers=2, text_dim=32, freq_dim=64)
@@ -47,7 +48,7 @@ def test_ring_blocks_merge_on_cuda(dtype):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # the ring works on [B, H, L, D]
     out = lse = None
     for lo, hi in ((0, 250), (250, 251), (251, 700)):
-        out, lse = parallel.merge_attention(out, lse, *parallel.block_attention(q, k[:, :, lo:hi], v[:, :, lo:hi]))
+        out, lse = sp_attention.merge_attention(out, lse, *sp_attention.block_attention(q, k[:, :, lo:hi], v[:, :, lo:hi]))
     ref = reference(*(t.transpose(1, 2) for t in (q, k, v))).float()
     scale_close(out.transpose(1, 2).flatten(2), ref, rel=2e-2)
 
@@ -81,7 +82,7 @@ def test_scaled_fp8_matmul_in_our_dit():
     if not mm.supports_fp8_compute(torch.device("cuda")):
         pytest.skip("this GPU has no fp8 matmul (needs compute capability 8.9+)")
     sd = randomize_(WanDiT(**TINY), seed=2).state_dict()
-    scaled = convert.to_scaled_fp8(sd)
+    scaled = to_scaled_fp8(sd)
     fp8, _ = convert.pop_scaled_fp8(scaled)
     scaled = convert.complete_fp8_scales(scaled, input_scales=True)
     ops = comfy.ops.scaled_fp8_ops(fp8_matrix_mult=True, scale_input=True, override_dtype=fp8)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from wan_core.smoke import VAE_TINY
+from fixtures.smoke import VAE_TINY
 from wan_core.tiling import decode_retrying
 from wan_core.vae import WanVAE21
 

@@ -5,7 +5,7 @@ import torch
 
 from conftest import import_comfy, scale_close
 from wan_core.dit import WanDiT, rope_axes
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 TINY = dict(dim=256, ffn_dim=384, num_layers=2, text_dim=48, freq_dim=64)
 VARIANTS = {

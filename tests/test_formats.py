@@ -1,6 +1,6 @@
 """Every checkpoint layout and precision the loaders read, checked against the official-layout original.
 
-Smoke variants are written by wan_core.convert.write_smoke_variants from the official smoke files and loaded
+Smoke variants are written by fixtures.variants.write_smoke_variants from the official smoke files and loaded
 through what the loader node calls (wan_core.checkpoint.load_dit / load_vae + nodes/ops.py ops_for), with
 ComfyUI's casting ops, on the CPU in fp32 compute. Layouts must give bit-identical outputs; precisions stay
 within the tolerances below (max abs difference over the fp16 original's max abs output; measured values in
@@ -56,7 +56,7 @@ def pack():
 
 @pytest.fixture(scope="session")
 def variants(smoke_models):
-    from wan_core.convert import write_smoke_variants
+    from fixtures.variants import write_smoke_variants
     return write_smoke_variants(smoke_models)
 
 
@@ -142,7 +142,7 @@ def _decode(pack, variants, name):
     """Decode of a fixed small latent by the VAE in models/vae/<name>, loaded as WanLeanVAELoader loads it."""
     if name not in _DECODED:
         ckpt = pack.core("checkpoint").load_vae(os.path.join(variants, "vae", name))
-        family = pack.core("vae22").WanVAE22 if ckpt.sd["conv2.weight"].shape[0] == 48 else pack.core("vae").WanVAE21
+        family = pack.core("vae22").WanVAE22 if pack.core("vae22").is_vae22(ckpt.sd) else pack.core("vae").WanVAE21
         vae = family.from_state_dict(ckpt.sd, ops=pack.ops.ops_for(ckpt))
         z = torch.randn(1, vae.z_dim, 2, 2, 2, generator=torch.Generator().manual_seed(1))
         _DECODED[name] = (ckpt.layout, vae.decode(z))
@@ -257,7 +257,7 @@ def test_quantizer_roundtrip(qtype, rms):
     """wan_core's K-quant writer (the gguf package has none) decodes, by the gguf package, to the input
     within the format's precision (measured rms on N(0,1): Q4_K 0.079, Q5_K 0.038, Q6_K 0.019, Q8_0 0.0055)."""
     import gguf
-    from wan_core.gguf import quantize
+    from fixtures.gguf_writer import quantize
     x = np.random.default_rng(1).standard_normal((64, 512)).astype(np.float32)
     back = gguf.quants.dequantize(quantize(x, qtype), gguf.GGMLQuantizationType[qtype])
     assert np.sqrt(((back - x) ** 2).mean()) < rms
@@ -298,7 +298,7 @@ def test_matches_diffusers_own_classes():
     diffusers = pytest.importorskip("diffusers")
     from wan_core.convert import dit_to_diffusers, vae_to_diffusers
     from wan_core.dit import WanDiT
-    from wan_core.smoke import randomize_
+    from fixtures.smoke import randomize_
     from wan_core.vae import WAN21_LATENT_MEAN, WAN21_LATENT_STD, WanVAE21
     ours = randomize_(WanDiT(dim=256, ffn_dim=512, num_layers=1, in_dim=36, text_dim=64, clip_dim=64), seed=1)
     theirs = diffusers.WanTransformer3DModel(

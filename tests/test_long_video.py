@@ -10,7 +10,7 @@ from test_s2v import one_thread  # noqa: F401  (autouse: tiny tensors run faster
 from wan_core.dit import WanDiT
 from wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, cross_fade, generate_long
 from wan_core.pipeline import Expert, frame_mask, initial_noise
-from wan_core.smoke import VAE22_TINY, VAE_TINY, randomize_
+from fixtures.smoke import VAE22_TINY, VAE_TINY, randomize_
 from wan_core.vae import WanVAE21
 from wan_core.vae22 import WanVAE22
 

@@ -17,8 +17,10 @@ import torch
 from conftest import ROOT, SMOKE_MODELS, import_comfy, scale_close
 from media import assert_real_video
 from wan_core.dit import WanDiT
-from wan_core.lora import LORA_FORMATS, diffusers_name, match_lora, merge_lora, smoke_lora, write_smoke_lora
-from wan_core.smoke import randomize_
+from fixtures.gguf_writer import quantize
+from fixtures.lora import LORA_FORMATS, smoke_lora, write_smoke_lora
+from wan_core.lora import diffusers_name, match_lora, merge_lora
+from fixtures.smoke import randomize_
 from workflow_api import combo_options
 
 TINY = dict(dim=128, ffn_dim=256, num_layers=2, text_dim=32, in_dim=36, clip_dim=32)  # I2V: every module kind
@@ -246,7 +248,7 @@ def test_lora_on_gguf_model():
     lora_mod, ops = pack_module("lora"), pack_module("ops")
     gguf = sys.modules["wanlean_pack.wan_core.gguf"]  # the classes nodes/ops.py knows
     quantised = lambda k, v: k.endswith(".weight") and v.ndim == 2  # noqa: E731
-    qsd = {k: gguf.GGUFWeight(torch.from_numpy(gguf.quantize(v.numpy(), "Q8_0")), "Q8_0", v.shape) if quantised(k, v)
+    qsd = {k: gguf.GGUFWeight(torch.from_numpy(quantize(v.numpy(), "Q8_0")), "Q8_0", v.shape) if quantised(k, v)
            else v.clone() for k, v in tiny_sd().items()}
     model = WanDiT.from_state_dict(qsd, ops=ops.GGUFOps).eval()
     assert model.blocks[0].self_attn.q.weight.dtype == torch.uint8

@@ -453,7 +453,7 @@ def test_unloaded_models_are_freed(nodes):
 def _write_big_dit(folder, layers=6):
     """A 1.3B-wide DiT with a few blocks (about 0.6 GB in fp16): big enough to show in the server's RSS."""
     from safetensors.torch import save_file
-    from wan_core.smoke import randomize_
+    from fixtures.smoke import randomize_
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "wanlean_rss_probe_fp16.safetensors")
     model = randomize_(WanDiT(dim=1536, ffn_dim=8960, num_layers=layers, text_dim=64))

@@ -6,6 +6,7 @@ the single-process sampler, and the worker pool ends every worker on a crash (on
 real server: tests/test_parallel_server.py)."""
 import dataclasses
 import os
+import sys
 
 import psutil
 import pytest
@@ -15,11 +16,11 @@ import torch.multiprocessing as mp
 
 from conftest import scale_close
 from test_lora import pack_module, smoke_loras  # noqa: F401  (a fixture: two LoRAs for the smoke T2V-1.3B)
-from wan_core import parallel
+from wan_core import parallel, sp_attention, workers
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from wan_core.s2v import WanS2V
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 TEXT = 32
 T2V = "wan2.1_t2v_1.3B_fp16.safetensors"
@@ -149,43 +150,43 @@ def test_ring_blocks_merge_to_full_attention(device_dtype):
     dtype = getattr(torch, dtype)
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 3, n, 64, generator=g).to(dtype) for n in (11, 23, 23))
-    full = parallel.attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
+    full = sp_attention.attention(*(t.transpose(1, 2).float() for t in (q, k, v)))
     out = lse = None
     for lo, hi in ((0, 9), (9, 10), (10, 23)):
-        part = (parallel._lse_math if kind == "math" else parallel.block_attention)(q, k[:, :, lo:hi], v[:, :, lo:hi])
-        out, lse = parallel.merge_attention(out, lse, *part)
+        part = (sp_attention._lse_math if kind == "math" else sp_attention.block_attention)(q, k[:, :, lo:hi], v[:, :, lo:hi])
+        out, lse = sp_attention.merge_attention(out, lse, *part)
     assert out.dtype == lse.dtype == torch.float32
     scale_close(out.transpose(1, 2).flatten(2), full, rel=1e-5 if dtype == torch.float32 else 2e-2)
     if kind == "cpu" and dtype == torch.float32:  # the fused kernel's lse is the math one's
-        scale_close(parallel.block_attention(q, k, v)[1], parallel._lse_math(q, k, v)[1], rel=1e-6)
+        scale_close(sp_attention.block_attention(q, k, v)[1], sp_attention._lse_math(q, k, v)[1], rel=1e-6)
 
 
 def test_ulysses_refuses_indivisible_heads():
-    sp = parallel.SequenceParallel.__new__(parallel.SequenceParallel)
+    sp = sp_attention.SequenceParallel.__new__(sp_attention.SequenceParallel)
     sp.mode, sp.size = "ulysses", 4
     with pytest.raises(ValueError, match="head count"):
         sp.attention(*(torch.zeros(1, 8, 2, 128) for _ in range(3)))
 
 
 def test_parse_devices():
-    assert parallel.parse_devices("cpu:2") == ["cpu", "cpu"]
-    assert parallel.parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
+    assert workers.parse_devices("cpu:2") == ["cpu", "cpu"]
+    assert workers.parse_devices("cuda:0, cuda:1") == ["cuda:0", "cuda:1"]
     for bad in ("cuda:0", "gpu0,gpu1"):
         with pytest.raises(ValueError, match="devices"):
-            parallel.parse_devices(bad)
+            workers.parse_devices(bad)
 
 
 def test_check_devices_before_any_worker_starts():
     """What this machine cannot run is refused naming `devices`: CUDA devices it lacks, meta, too many CPU processes."""
-    assert parallel.check_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
+    assert workers.check_devices(["cpu", "cpu"]) == ["cpu", "cpu"]
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
     missing = f"cuda:{cuda},cuda:{cuda + 1}"
     with pytest.raises(ValueError, match=f"devices '{missing}': this machine has"):
-        parallel.check_devices(parallel.parse_devices(missing), missing)
+        workers.check_devices(workers.parse_devices(missing), missing)
     with pytest.raises(ValueError, match="devices 'meta,meta': 'meta' devices cannot run"):
-        parallel.check_devices(parallel.parse_devices("meta,meta"), "meta,meta")
+        workers.check_devices(workers.parse_devices("meta,meta"), "meta,meta")
     with pytest.raises(ValueError, match="devices 'cpu:100000': 100000 CPU processes .* use at most cpu:"):
-        parallel.check_devices(parallel.parse_devices("cpu:100000"), "cpu:100000")
+        workers.check_devices(workers.parse_devices("cpu:100000"), "cpu:100000")
 
 
 # ----------------------------------------------------------------------------- the worker pool
@@ -270,6 +271,7 @@ def test_node_model_source(smoke_models, smoke_loras):
     """The workers' model: file, weight dtype and LoRAs from the handle (the pool key changes with each); a model
     without a source or a GGUF one is refused with a message naming the fix."""
     node_module, loaders, lora = (pack_module(n) for n in ("parallel", "loaders", "lora"))
+    model_source = sys.modules["wanlean_pack.wan_core.model_source"]  # the classes the node knows
     import folder_paths
     for kind in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
@@ -279,12 +281,12 @@ def test_node_model_source(smoke_models, smoke_loras):
     source = node_module.model_source(stacked)
     assert source.path.endswith(T2V) and source.weight_dtype == "float8_e4m3fn"
     assert [(os.path.basename(p), s) for p, s in source.loras] == [(smoke_loras[0], 1.0), (smoke_loras[1], -0.5)]
-    keys = {parallel.DiTFiles.of({"model": node_module.model_source(m)}, torch.float32) for m in (model, stacked)}
+    keys = {model_source.DiTFiles.of({"model": node_module.model_source(m)}, torch.float32) for m in (model, stacked)}
     assert len(keys) == 2
     key = "blocks.0.self_attn.q.weight"
     sd = source.state_dict(torch.float32)  # fp8-rounded matrices, both LoRAs merged (in fp8), then fp32
-    plain = parallel.ModelSource.of(source.path).state_dict(torch.float32)
-    rounded = parallel.ModelSource.of(source.path, torch.float8_e4m3fn).state_dict(torch.float32)
+    plain = model_source.ModelSource.of(source.path).state_dict(torch.float32)
+    rounded = model_source.ModelSource.of(source.path, torch.float8_e4m3fn).state_dict(torch.float32)
     assert sd[key].dtype == torch.float32 and torch.equal(rounded[key], plain[key].to(torch.float8_e4m3fn).float())
     assert not torch.equal(sd[key], rounded[key]) and torch.equal(sd[key], sd[key].to(torch.float8_e4m3fn).float())
     with pytest.raises(ValueError, match="no record of the file .* connect Wan Load Diffusion Model"):
@@ -295,9 +297,9 @@ def test_node_model_source(smoke_models, smoke_loras):
 
 
 def test_layout_refusals_before_any_worker_starts():
-    parallel.check_layout(4, True, "ulysses", 12)  # 2 per pass divide 12 heads
+    workers.check_layout(4, True, "ulysses", 12)  # 2 per pass divide 12 heads
     with pytest.raises(ValueError, match="cfg_parallel needs an even number of devices, got 3"):
-        parallel.check_layout(3, True, "auto", 12)
+        workers.check_layout(3, True, "auto", 12)
     with pytest.raises(ValueError, match=r"attention 'ulysses' needs the model's head count \(12\) .* \(8\)"):
-        parallel.check_layout(8, False, "ulysses", 12)
-    parallel.check_layout(8, False, "ring", 12)
+        workers.check_layout(8, False, "ulysses", 12)
+    workers.check_layout(8, False, "ring", 12)

@@ -96,3 +96,23 @@ def test_parallel_node_in_server(server, smoke_loras):  # noqa: F811
     assert len(pids) == 2, pids
     server.free()
     assert wait_gone(server, pids), "the workers outlived /free"
+
+
+def test_another_wan_core_first_on_the_path(smoke_models, smoke_loras, tmp_path, monkeypatch):  # noqa: F811
+    """Another installed top-level package named `wan_core`, first on the server's PYTHONPATH: the pack still loads,
+    and the multi-device sampler's workers (which import the pack's core by its package path) never touch it."""
+    from comfy_host import ComfyServer
+    fake = tmp_path / "site" / "wan_core"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "fake-wan_core-imported"
+    (fake / "__init__.py").write_text(f"open({str(marker)!r}, 'a').close()\n"
+                                      "raise ImportError('the fake wan_core was imported')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]))
+    with ComfyServer(models_dir=smoke_models, output_dir=str(tmp_path / "out")) as server:
+        assert "WanLeanParallelSampler" in server.object_info(), server.log_tail()
+        assert not server.import_errors(), server.import_errors()
+        reference = latent_of(server, server.run(t2v_latent_api(server, smoke_loras[0], prefix="single")))
+        out = latent_of(server, server.run(t2v_latent_api(server, smoke_loras[0], parallel=True)))
+        scale_close(out, reference, rel=1e-5)
+        server.free()
+    assert not marker.exists(), "a process imported the other wan_core"

@@ -6,7 +6,7 @@ import torch
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, check_video_size, frame_mask, generate
 from wan_core.sampling import schedule
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 
 def tiny(seed, **kw):

@@ -12,7 +12,7 @@ import torch
 from conftest import import_comfy, scale_close
 from wan_core.dit import WanDiT
 from wan_core.s2v import AUDIO_INJECT_LAYERS, WanS2V, motion_positions
-from wan_core.smoke import randomize_
+from fixtures.smoke import randomize_
 
 TINY = dict(dim=256, ffn_dim=384, num_layers=5, text_dim=48, freq_dim=64, audio_dim=32, audio_layers=25,
             audio_inject_layers=AUDIO_INJECT_LAYERS[:2])  # injectors after blocks 0 and 4

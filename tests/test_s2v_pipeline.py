@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from wan_core.s2v import SMOKE, WanS2V
+from fixtures.smoke import S2V_TINY as SMOKE
+from wan_core.s2v import WanS2V
 from wan_core.s2v_pipeline import CLIP_FRAMES, MOTION_FRAMES, S2VJob, generate_s2v, output_frames, pose_latents
-from wan_core.smoke import VAE_TINY, randomize_
+from fixtures.smoke import VAE_TINY, randomize_
 from wan_core.vae import WanVAE21
 
 W = H = 64  # the 4x motion bucket compresses 8x8 latent pixels

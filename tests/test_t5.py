@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from conftest import import_comfy, scale_close
 from wan_core.checkpoint import load_text_encoder
 from wan_core.t5 import UMT5Encoder, encode_text, hf_to_official, relative_buckets
-from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT, UMT5Tokenizer, clean_prompt, train_smoke_spm
+from fixtures.tokenizer import train_smoke_spm
+from wan_core.tokenizer import OFFICIAL_NEGATIVE_PROMPT, UMT5Tokenizer, clean_prompt
 
 DIM, HEADS, FFN, LAYERS, BUCKETS = 64, 4, 96, 2, 32
 EN = "a red fox runs across a snowy forest, cinematic lighting, 4k"

@@ -42,10 +42,11 @@ if __name__ == "__main__":  # run as a script: the repository root on the path
     import sys
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from wan_core import convert  # noqa: E402
-from wan_core.gguf import write_gguf  # noqa: E402
-from wan_core.lora import smoke_lora  # noqa: E402
-from wan_core.smoke import clip_state, dit_state, official_to_hf, t5_state, vae_state, write_sharded  # noqa: E402
-from wan_core.wav2vec2 import smoke_state_dict as wav2vec2_state  # noqa: E402
+from fixtures.gguf_writer import write_gguf  # noqa: E402
+from fixtures.lora import smoke_lora  # noqa: E402
+from fixtures.smoke import clip_state, dit_state, official_to_hf, t5_state, vae_state, write_sharded  # noqa: E402
+from fixtures.smoke import wav2vec2_state  # noqa: E402
+from fixtures.variants import to_scaled_fp8  # noqa: E402
 
 VERSION = "zoo-v1"
 PREFIX = "model.diffusion_model."
@@ -53,7 +54,7 @@ FP16, BF16, FP32, E4M3 = torch.float16, torch.bfloat16, torch.float32, torch.flo
 # stated error of each precision: max |output - fp32 original's output| / max |fp32 original's output|
 TOLERANCE = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2.5e-2, "fp8_e4m3fn": 8e-2, "fp8_scaled": 8e-2,
              "Q8_0": 2e-2, "Q6_K": 4e-2, "Q5_K_M": 8e-2, "Q4_K_M": 0.2}
-MODELS = {  # family -> the smoke model it is made from (wan_core.smoke)
+MODELS = {  # family -> the smoke model it is made from (fixtures.smoke)
     "t2v-1.3B": "wan2.1_t2v_1.3B_fp16.safetensors", "t2v-14B": "wan2.1_t2v_14B_fp16.safetensors",
     "i2v-480p": "wan2.1_i2v_480p_14B_fp16.safetensors", "i2v-720p": "wan2.1_i2v_720p_14B_fp16.safetensors",
     "flf2v": "wan2.1_flf2v_720p_14B_fp16.safetensors",
@@ -230,13 +231,13 @@ def reference_path(root, row):
 
 def _dtype_dit(sd, precision, rest=FP16):
     """A DiT state dict in a file precision: fp16/bf16/fp32 everything; fp8_e4m3fn matrices in fp8 and the rest in
-    `rest`; fp8_scaled ComfyUI's scaled layout (wan_core.convert.to_scaled_fp8) over `rest`."""
+    `rest`; fp8_scaled ComfyUI's scaled layout (fixtures.variants.to_scaled_fp8) over `rest`."""
     if precision in ("fp16", "bf16", "fp32"):
         return convert.cast_weights(sd, {"fp16": FP16, "bf16": BF16, "fp32": FP32}[precision])
     base = convert.cast_weights(sd, rest)
     if precision == "fp8_e4m3fn":
         return convert.cast_weights(base, E4M3)
-    return convert.to_scaled_fp8(base)
+    return to_scaled_fp8(base)
 
 
 def _save(sd, path, metadata=None):
@@ -297,7 +298,7 @@ def _config(folder, config):
 
 def write_text_encoder(row, sd, spm, path):
     if row.precision == "fp8_scaled":  # Linears only (not the embedding tables), over fp16
-        sd = convert.to_scaled_fp8(convert.cast_weights(sd, FP16))
+        sd = to_scaled_fp8(convert.cast_weights(sd, FP16))
     elif row.precision == "fp8_e4m3fn":
         sd = {k: v.to(E4M3) if k.endswith(".weight") and v.ndim == 2 and not k.endswith(convert.EMBEDDING_TABLES)
               else v.to(BF16) for k, v in sd.items()}
@@ -341,7 +342,7 @@ def write_other(row, sd, path):
 
 
 def lora_tensors(row, sd, dtype=None):
-    """A row's LoRA for the model `sd` (same random factors in every layout, see wan_core.lora.smoke_lora), in the
+    """A row's LoRA for the model `sd` (same random factors in every layout, see fixtures.lora.smoke_lora), in the
     row's key layout and dtype; dtype fp32 gives the reference factors."""
     dtype = dtype or {"bf16": BF16, "fp16": FP16, "fp32": FP32}[row.precision]
     fmt = {"lightx2v": "lightx2v", "lightning": "comfy", "causvid": "comfy", "musubi": "kohya",

@@ -12,6 +12,13 @@ ENCODER_CAUSE = ("the encoder file is probably damaged (download it again), or i
 INPUT_CAUSE = "the node that made it produced NaN/inf: check that node's files and inputs"
 
 
+def nearest_valid(value, multiple, offset=0):
+    """The valid values (offset + k*multiple, positive) just below and above `value`, as text ("96 or 104", "8"): what
+    every size and frame-count refusal suggests."""
+    lo = (value - offset) // multiple * multiple + offset
+    return " or ".join(str(n) for n in (lo, lo + multiple) if n >= max(offset, 1))
+
+
 class NonFiniteError(ValueError):
     """A tensor holds NaN or inf; the message says which tensor and the likely cause."""
 

@@ -21,8 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ProjectedAttention
-from .checkpoint import assign_weights
-from .checkpoint import describe
+from .keys import assign_weights, describe, prefix_of, strip_prefix
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -49,20 +48,6 @@ def clip_preprocess(images, size=224):
     mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
     return (x * 0.5 + 0.5 - mean) / std
-
-
-def from_comfy_output(penultimate_hidden_states):
-    """ComfyUI's CLIP_VISION_OUTPUT (or its `.penultimate_hidden_states`) -> our tokens [B, L, C].
-
-    It IS our tokens: comfy.clip_vision.ClipVisionModel.encode_image runs the encoder with
-    intermediate_output=-2 (output of layer N-2, 0-based = after block N-1, no post norm) and
-    comfy.model_base.WAN21 passes it unchanged as `clip_fea` (WanFirstLastFrameToVideo concatenates
-    two of them to [B, 514, C]). Only ComfyUI's preprocessing differs (see clip_preprocess)."""
-    states = getattr(penultimate_hidden_states, "penultimate_hidden_states", penultimate_hidden_states)
-    if not torch.is_tensor(states) or states.ndim != 3:
-        raise ValueError("expected CLIP_VISION_OUTPUT.penultimate_hidden_states [B, tokens, width], got "
-                         f"{tuple(states.shape) if torch.is_tensor(states) else type(states).__name__}")
-    return states
 
 
 def _norm(layer, x):
@@ -168,10 +153,6 @@ _OFFICIAL_BLOCK = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": 
 _OFFICIAL_BLOCK_KEY = re.compile(r"^transformer\.(\d+)\.(.+)\.(weight|bias)$")
 
 
-def _prefix(sd, marker):
-    return next((k[: -len(marker)] for k in sd if k.endswith(marker)), None)
-
-
 def official_to_internal(sd):
     """Official keys (`visual.` stripped) -> internal keys; to_qkv split into views, nothing copied.
     The text tower, `head` and `post_norm` are not used by Wan and are dropped."""
@@ -194,15 +175,13 @@ def official_to_internal(sd):
 
 def to_internal(sd):
     """Either supported layout -> internal keys (HF names without `vision_model.`), told apart by marker keys."""
-    prefix = _prefix(sd, HF_MARKER)
+    prefix = prefix_of(sd, HF_MARKER)
     if prefix is not None:
-        prefix += "vision_model."
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    prefix = _prefix(sd, OFFICIAL_MARKER)
+        return strip_prefix(sd, prefix + "vision_model.")
+    prefix = prefix_of(sd, OFFICIAL_MARKER)
     if prefix is not None:
-        prefix += "visual."
-        return official_to_internal({k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)})
-    if _prefix(sd, "visual.transformer.resblocks.0.attn.in_proj_weight") is not None:
+        return official_to_internal(strip_prefix(sd, prefix + "visual."))
+    if prefix_of(sd, "visual.transformer.resblocks.0.attn.in_proj_weight") is not None:
         raise ValueError("this is an open_clip-layout CLIP checkpoint, which is not supported; " + FILES)
     raise ValueError(f"not a CLIP vision model: it looks like {describe(sd)}; {FILES}")
 

@@ -9,15 +9,11 @@ the I2V `k_img`/`v_img`/`norm_k_img`, and the VAE's stages are regrouped (`down_
 
 Precision: casting to a chosen weight dtype (fp8 only for matrices, the rest of the model stays as stored),
 and ComfyUI's "scaled fp8" files (a `scaled_fp8` marker tensor whose dtype is the fp8 format, per-Linear
-`scale_weight` and optional `scale_input` scalars). `write_smoke_variants` writes every layout/precision
-the tests and the server check load.
+`scale_weight` and optional `scale_input` scalars).
 """
-import json
-import os
 import re
 
 import torch
-from safetensors.torch import save_file
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -220,85 +216,3 @@ def fold_fp8_scales(sd, dtype):
         scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
         out[key] = value if scale is None else value.float() * scale.float()
     return cast_weights(out, dtype)
-
-
-def to_scaled_fp8(sd, dtype=torch.float8_e4m3fn):
-    """ComfyUI's scaled-fp8 layout of an official state dict: Linear weights w / s in fp8 with s = max|w| / fp8 max
-    as `scale_weight`, everything else as given, plus the `scaled_fp8` marker."""
-    out = dict(sd)
-    for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
-            scale = value.float().abs().max().clamp(min=1e-12) / torch.finfo(dtype).max
-            out[key] = (value.float() / scale).to(dtype)
-            out[key[: -len("weight")] + "scale_weight"] = scale.reshape(())
-    out["scaled_fp8"] = torch.empty(0, dtype=dtype)
-    return out
-
-
-# ----------------------------------------------------------------------------- smoke variants
-
-SMOKE_DIT = "wan2.1_t2v_1.3B_fp16.safetensors"
-SMOKE_I2V = "wan2.1_i2v_480p_14B_fp16.safetensors"
-GGUF_TYPES = ("Q8_0", "Q5_K", "Q4_K")
-DIT_VARIANTS = {  # file under diffusion_models/ -> how it is stored (all from the smoke T2V 1.3B unless named)
-    "wan2.1_t2v_1.3B_diffusers.safetensors": "diffusers keys, fp16, single file",
-    "Wan2.1-T2V-1.3B-Diffusers/transformer/diffusion_pytorch_model.safetensors.index.json":
-        "diffusers keys, fp16, folder with config.json + 2 shards + index",
-    "wan2.1_i2v_480p_14B_diffusers.safetensors": "diffusers keys of the smoke I2V model (image embedder, add_k_proj)",
-    "wan2.1_t2v_1.3B_fp8_e4m3fn.safetensors": "matrices fp8 e4m3fn, no scales",
-    "wan2.1_t2v_1.3B_fp8_e5m2.safetensors": "matrices fp8 e5m2, no scales",
-    "wan2.1_t2v_1.3B_fp8_scaled.safetensors": "ComfyUI scaled fp8 (model.diffusion_model. prefix, scaled_fp8 marker)",
-    **{f"wan2.1-t2v-1.3b-{q}.gguf": f"GGUF {q} (city96 layout)" for q in GGUF_TYPES},
-}
-VAE_VARIANTS = {  # file under vae/
-    "wan_2.1_vae_diffusers.safetensors": "Wan 2.1 VAE, AutoencoderKLWan keys, single file",
-    "Wan2.1-VAE-Diffusers/vae/diffusion_pytorch_model.safetensors": "Wan 2.1 VAE, diffusers folder with config.json",
-    "wan2.2_vae_diffusers.safetensors": "Wan 2.2 VAE, AutoencoderKLWan keys",
-}
-
-
-def _write_diffusers_folder(sd, folder, config, shards):
-    from .smoke import write_sharded
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config, f, indent=1)
-    if shards > 1:
-        write_sharded(sd, folder, shards)
-    else:
-        save_file(sd, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-
-
-def _read(path):
-    from .checkpoint import read_file
-    return {k: v.contiguous() for k, v in read_file(path).items()}
-
-
-def write_smoke_variants(models_dir, force=False):
-    """Write DIT_VARIANTS / VAE_VARIANTS next to the smoke models (wan_core.smoke.write_all must have run):
-    every layout and precision the loaders read, derived from the official-layout smoke files."""
-    from .gguf import write_gguf
-    dit_dir, vae_dir = os.path.join(models_dir, "diffusion_models"), os.path.join(models_dir, "vae")
-    source = os.path.join(dit_dir, SMOKE_DIT)
-    stamp = os.path.join(models_dir, ".formats-v1")
-    if not force and os.path.exists(stamp) and os.path.getmtime(stamp) >= os.path.getmtime(source):
-        return models_dir
-    sd = _read(source)
-    save_file(dit_to_diffusers(sd), os.path.join(dit_dir, "wan2.1_t2v_1.3B_diffusers.safetensors"))
-    _write_diffusers_folder(dit_to_diffusers(sd), os.path.join(dit_dir, "Wan2.1-T2V-1.3B-Diffusers", "transformer"),
-                            {"_class_name": "WanTransformer3DModel", "num_layers": 2}, shards=2)
-    save_file(dit_to_diffusers(_read(os.path.join(dit_dir, SMOKE_I2V))),
-              os.path.join(dit_dir, "wan2.1_i2v_480p_14B_diffusers.safetensors"))
-    for name, dtype in (("e4m3fn", torch.float8_e4m3fn), ("e5m2", torch.float8_e5m2)):
-        save_file(cast_weights(sd, dtype), os.path.join(dit_dir, f"wan2.1_t2v_1.3B_fp8_{name}.safetensors"))
-    scaled = {"model.diffusion_model." + k: v for k, v in to_scaled_fp8(sd).items()}
-    save_file(scaled, os.path.join(dit_dir, "wan2.1_t2v_1.3B_fp8_scaled.safetensors"))
-    for qtype in GGUF_TYPES:
-        write_gguf(sd, os.path.join(dit_dir, f"wan2.1-t2v-1.3b-{qtype}.gguf"), qtype)
-    vae = vae_to_diffusers(_read(os.path.join(vae_dir, "wan_2.1_vae.safetensors")))
-    save_file(vae, os.path.join(vae_dir, "wan_2.1_vae_diffusers.safetensors"))
-    _write_diffusers_folder(vae, os.path.join(vae_dir, "Wan2.1-VAE-Diffusers", "vae"),
-                            {"_class_name": "AutoencoderKLWan", "z_dim": 16}, shards=1)
-    save_file(vae_to_diffusers(_read(os.path.join(vae_dir, "wan2.2_vae.safetensors"))),
-              os.path.join(vae_dir, "wan2.2_vae_diffusers.safetensors"))
-    open(stamp, "w").close()
-    return models_dir

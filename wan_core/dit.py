@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import parallel
+from . import sp_hooks
 from .attention import attention, use_backend
 from .cache import block0_signal
 from .checks import check_weights
@@ -121,7 +121,7 @@ class SelfAttention(Attention):
     def forward(self, x, rope):
         q = apply_rope(self.split(self.norm_q(self.q(x))), rope)
         k = apply_rope(self.split(self.norm_k(self.k(x))), rope)
-        return self.o(parallel.self_attention(q, k, self.split(self.v(x))))
+        return self.o(sp_hooks.self_attention(q, k, self.split(self.v(x))))
 
 
 class CrossAttention(Attention):
@@ -192,6 +192,11 @@ class Head(nn.Module):
         """x [B, L, dim] fp32; e [B, Lt, dim] fp32 time embedding; the projection runs in `dtype`."""
         shift, scale = (self.modulation.to(e)[:, None] + e[:, :, None]).unbind(2)
         return self.head(torch.addcmul(shift, layer_norm_f32(x, self.eps), 1 + scale).to(dtype))
+
+
+def is_s2v_state_dict(sd):
+    """Whether a state dict is Wan2.2-S2V's (its audio encoder or injector keys; wan_core.s2v.WanS2V loads it)."""
+    return any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd)
 
 
 class WanDiT(nn.Module):
@@ -270,7 +275,7 @@ class WanDiT(nn.Module):
                                  f"{self.img_emb.proj[0].normalized_shape[0]}: use the model's CLIP (clip_vision_h)")
             context_img = self.img_emb(clip.to(dtype))
         rope = self.rope(grid, x.device)
-        sp = parallel.current()  # a sequence-parallel run: this rank's tokens only (wan_core.parallel)
+        sp = sp_hooks.current()  # a sequence-parallel run: this rank's tokens only (wan_core.sp_hooks)
         if sp is not None:
             x, rope, e, e0 = sp.shard(x, rope, e, e0)
 
@@ -321,7 +326,7 @@ class WanDiT(nn.Module):
     @classmethod
     def check_state_dict(cls, sd):
         """Refuse a checkpoint that belongs to another model class, naming the class that loads it."""
-        if any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd):
+        if is_s2v_state_dict(sd):
             raise ValueError("this is a Wan2.2-S2V (speech-to-video) checkpoint: load it with wan_core.s2v.WanS2V "
                              "(the S2V model loader), not as a text/image-to-video model")
 

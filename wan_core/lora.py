@@ -16,11 +16,9 @@ state-dict keys (so a LoRA for another family or size is told apart by what matc
 alpha/rank · up @ down, alpha None means 1) and `("diff", (delta,))`; `apply_patch` / `merge_lora` do the same
 arithmetic in plain torch. Nothing here edits a model's weights.
 """
-import os
 from dataclasses import dataclass, field
 
 import torch
-from safetensors.torch import save_file
 
 from .checks import check_finite
 from .convert import DIT_BLOCK, DIT_TOP
@@ -36,7 +34,6 @@ SUFFIXES = {".lora_up.weight": "up", ".lora_down.weight": "down", ".lora_B.weigh
 # wrappers around the module name: dotted ones (official, ComfyUI, diffusers, PEFT) and kohya-style underscored ones
 PREFIXES = ("", "diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.",
             "lora_unet_", "lora_unet__", "lora_transformer_", "lycoris_")
-LORA_FORMATS = ("comfy", "peft", "diffusers", "kohya", "lightx2v")
 
 
 def diffusers_name(module):
@@ -216,52 +213,3 @@ def match_lora(lora_sd, model_sd):
         else:
             _match_module(parts, module, shapes, match)
     return match
-
-
-def _render(module, fmt):
-    """A LoRA module name in a format's dialect and its (up, down) suffixes."""
-    if fmt == "diffusers":
-        return "transformer." + diffusers_name(module), (".lora_B.weight", ".lora_A.weight")
-    if fmt == "peft":
-        return "diffusion_model." + module, (".lora_B.weight", ".lora_A.weight")
-    if fmt == "kohya":
-        return "lora_unet_" + module.replace(".", "_"), (".lora_up.weight", ".lora_down.weight")
-    return "diffusion_model." + module, (".lora_up.weight", ".lora_down.weight")
-
-
-def _is_diff_target(key, shape):
-    """The tensors a lightx2v-style LoRA patches with full deltas: biases, norm gains, modulations, head.head."""
-    return key.endswith((".bias", "modulation", "head.head.weight")) or len(shape) < 2
-
-
-def smoke_lora(model_sd, fmt="comfy", rank=4, seed=0, std=0.1, dtype=torch.float32):
-    """A random LoRA for a model (its state dict) in one of LORA_FORMATS, same tensors for the same seed in every
-    format: factors on every Linear / Conv3d weight with alpha = rank/2 (peft and diffusers have no alpha keys and
-    carry the 1/2 folded into `down`, exactly); "lightx2v" adds `.diff` on every norm gain, modulation and
-    head.modulation, `.diff_b` on every bias, and gives head.head a full `.diff` instead of factors."""
-    if fmt not in LORA_FORMATS:
-        raise ValueError(f"unknown LoRA format {fmt!r}: use one of {LORA_FORMATS}")
-    g = torch.Generator().manual_seed(seed)
-    rand = lambda *shape, s=std: (torch.randn(shape, generator=g) * s).to(dtype)  # noqa: E731
-    folded = fmt in ("peft", "diffusers")
-    out = {}
-    for key in sorted(model_sd):
-        shape = tuple(model_sd[key].shape)
-        module = key.rpartition(".")[0]
-        if fmt == "lightx2v" and _is_diff_target(key, shape):
-            name = module + ".diff_b" if key.endswith(".bias") else key.removesuffix(".weight") + ".diff"
-            out["diffusion_model." + name] = rand(*shape, s=std / 10)
-        elif key.endswith(".weight") and len(shape) >= 2 and (fmt != "diffusers" or diffusers_name(module)):
-            name, (up, down) = _render(module, fmt)
-            out[name + up] = rand(shape[0], rank, *[1] * (len(shape) - 2))
-            out[name + down] = rand(rank, *shape[1:]) * (0.5 if folded else 1)
-            if not folded:
-                out[name + ".alpha"] = torch.tensor(rank / 2)
-    return out
-
-
-def write_smoke_lora(path, model_sd, fmt="comfy", **kw):
-    """Write smoke_lora(model_sd, fmt, **kw) as a .safetensors file (the folder is created)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_file({k: v.contiguous() for k, v in smoke_lora(model_sd, fmt, **kw).items()}, path)
-    return path

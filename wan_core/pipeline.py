@@ -6,6 +6,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from .checks import nearest_valid
 from .sampling import sample
 
 TIME_STRIDE = 4  # both Wan VAEs compress 4 frames into one latent frame (after the first)
@@ -16,19 +17,13 @@ def spatial_stride(latent_channels):
     return 16 if latent_channels == 48 else 8
 
 
-def _nearest(value, multiple, offset=0):
-    """The valid values (offset + k*multiple, positive) just below and above `value`, as text."""
-    lo = (value - offset) // multiple * multiple + offset
-    return " or ".join(str(n) for n in (lo, lo + multiple) if n >= max(offset, 1))
-
-
 def check_video_size(width, height, length, multiple=16):
     """ValueError naming the bad input and the nearest valid values: sizes multiple of `multiple`, length 1+4k."""
     for name, v in (("width", width), ("height", height)):
         if v % multiple or v <= 0:
-            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {_nearest(v, multiple)}")
+            raise ValueError(f"{name} {v} is not a multiple of {multiple}; use {nearest_valid(v, multiple)}")
     if length < 1 or (length - 1) % TIME_STRIDE:
-        raise ValueError(f"length {length} is not 1+4k frames; use {_nearest(length, 4, 1)}")
+        raise ValueError(f"length {length} is not 1+4k frames; use {nearest_valid(length, 4, 1)}")
 
 
 def latent_shape(width, height, length, channels=16, batch=1):

@@ -44,20 +44,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import parallel
-from .dit import HEAD_DIM, CrossAttention, WanDiT, layer_norm_f32, rope_positions
+from . import sp_hooks
+from .dit import (HEAD_DIM, CrossAttention, WanDiT, is_s2v_state_dict,  # noqa: F401  (is_s2v_state_dict: also here)
+                  layer_norm_f32, rope_positions)
 
 AUDIO_INJECT_LAYERS = (0, 4, 8, 12, 16, 20, 24, 27, 30, 33, 36, 39)
 MOTION_BUCKETS = ((1, 1), (2, 2), (16, 4))  # (latent frames, compression), newest first
 MOTION_LATENTS = sum(f for f, _ in MOTION_BUCKETS)  # 19 = (73 motion pixel frames + 3) // 4
 AUDIO_PREFIX = 73
 REF_TIME = 30
-# smoke sizes (+ text_dim of the smoke T5); audio_dim / audio_layers = the smoke wav2vec2's width / hidden states
-SMOKE = dict(dim=256, ffn_dim=512, num_layers=5, audio_dim=128, audio_layers=25)
-
-
-def is_s2v_state_dict(sd):
-    return any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd)
 
 
 def spread(start, span, n):
@@ -231,13 +226,13 @@ class WanS2V(WanDiT):
         context = self.embed_text(context.to(dtype))
         motion_hw = None if motion_latent is None else tuple(motion_latent.shape[-2:])
         rope = self.s2v_rope(grid, ref.shape[2:], motion_hw, x.device)
-        sp = parallel.current()  # a sequence-parallel run: this rank's tokens only (wan_core.parallel)
+        sp = sp_hooks.current()  # a sequence-parallel run: this rank's tokens only (wan_core.sp_hooks)
         if sp is not None:
             x, rope = sp.shard(x, rope)
             segments = sp.segments(segments)
         for i, block in enumerate(self.blocks):
             x = block(x, e0, rope, context, segments=segments)
-            x = parallel.inject_audio(self.audio_injector, x, i, n, audio_tokens, audio_global)
+            x = sp_hooks.inject_audio(self.audio_injector, x, i, n, audio_tokens, audio_global)
         if sp is None:
             return self.unpatchify(self.head(x[:, :n], e[:, :1], dtype), grid)
         return self.unpatchify(sp.gather(self.head(x, e[:, :1], dtype), n), grid)

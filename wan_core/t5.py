@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_weights
+from .keys import prefix_of, strip_prefix
 
 EPS = 1e-6
 MAX_DISTANCE = 128
@@ -214,19 +215,13 @@ def hf_to_official(sd):
     return out
 
 
-def _strip_prefix(sd, marker):
-    """Drop whatever prefix precedes `marker` (e.g. `text_encoders.umt5xxl.transformer.`)."""
-    prefix = next((k[: -len(marker)] for k in sd if k.endswith(marker)), "")
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)} if prefix else dict(sd)
-
-
 def to_official(sd):
     """Any supported layout -> official keys (official dicts pass through, prefix stripped)."""
     if any(k.endswith("blocks.0.norm1.weight") for k in sd):
-        sd = _strip_prefix(sd, "blocks.0.norm1.weight")
+        sd = strip_prefix(sd, prefix_of(sd, "blocks.0.norm1.weight"))
         return {k: v for k, v in sd.items() if k not in _NON_WEIGHTS}
     if any(k.endswith("encoder.final_layer_norm.weight") for k in sd):
-        return hf_to_official(_strip_prefix(sd, "encoder.final_layer_norm.weight"))
+        return hf_to_official(strip_prefix(sd, prefix_of(sd, "encoder.final_layer_norm.weight")))
     raise ValueError("not a umT5 encoder state dict: no `blocks.0.norm1.weight` (official) "
                      "or `encoder.final_layer_norm.weight` (HF) key")
 

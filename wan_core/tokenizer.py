@@ -5,9 +5,7 @@ Official behaviour (HuggingfaceTokenizer(clean='whitespace'), add_special_tokens
 space -> strip; SentencePiece ids, cut to max_len - 1, then eos (</s>, id 1); padded with 0.
 """
 import html
-import io
 import os
-import random
 import re
 
 import torch
@@ -106,54 +104,3 @@ def candidate_files(checkpoint_path):
         return [path]
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     return [os.path.join(folder, sub, name) for sub in TOKENIZER_DIRS for name in TOKENIZER_FILES]
-
-
-# ---------------------------------------------------------------- a tiny tokenizer for smoke tests
-
-_EN = dict(
-    who=["a red fox", "an old fisherman", "two kittens", "a young woman in a blue coat", "a robot", "a golden retriever",
-         "a child with a kite", "a samurai", "an astronaut", "a flock of birds", "a street musician", "a white horse"],
-    does=["runs across", "walks slowly through", "dances in", "sits quietly beside", "flies over", "looks out over",
-          "plays the guitar in", "jumps into", "rides a bicycle through", "sleeps under"],
-    where=["a snowy forest", "a busy city street at night", "the ocean at sunset", "a field of sunflowers",
-           "an ancient temple", "a neon-lit alley", "a quiet library", "the surface of the moon", "a rainy market",
-           "a mountain lake"],
-    how=["cinematic lighting, 4k", "slow motion, shallow depth of field", "handheld camera, documentary style",
-         "aerial drone shot", "warm colors, soft focus", "high detail, realistic", "anime style", "close-up shot"],
-)
-_ZH = dict(
-    who=["一只红色的狐狸", "一位老渔夫", "两只小猫", "一个穿蓝色外套的年轻女子", "一个机器人", "一只金毛犬",
-         "一个放风筝的孩子", "一位武士", "一名宇航员", "一群飞鸟", "一位街头音乐家", "一匹白马"],
-    does=["奔跑穿过", "慢慢走过", "漫步在", "安静地坐在", "飞越", "眺望", "弹着吉他在", "跳进", "骑自行车穿过", "睡在"],
-    where=["白雪覆盖的森林", "夜晚繁忙的城市街道", "日落时的大海", "向日葵花田", "古老的寺庙", "霓虹灯照亮的小巷",
-           "安静的图书馆", "月球表面", "下雨的集市", "高山湖泊"],
-    how=["电影感光影，4K", "慢动作，浅景深", "手持镜头，纪录片风格", "航拍镜头", "暖色调，柔焦", "高细节，写实",
-         "动漫风格", "特写镜头"],
-)
-
-
-def smoke_corpus(seed=0, lines=300):
-    """Varied English and Chinese video prompts (plus the official negative prompt), deterministic in `seed`."""
-    rng = random.Random(seed)
-    out = [OFFICIAL_NEGATIVE_PROMPT, *OFFICIAL_NEGATIVE_PROMPT.split("，")]
-    for i in range(lines):
-        words = _EN if i % 2 == 0 else _ZH
-        sep = ", " if words is _EN else "，"
-        out.append(f"{rng.choice(words['who'])} {rng.choice(words['does'])} {rng.choice(words['where'])}{sep}"
-                   f"{rng.choice(words['how'])}".replace(" ", "" if words is _ZH else " "))
-    return out
-
-
-def train_smoke_spm(vocab_size=800, seed=0):
-    """Train a tiny unigram SentencePiece model on `smoke_corpus` and return its bytes.
-
-    umT5 conventions: pad 0 (<pad>), eos 1 (</s>), unk 2 (<unk>), no bos; byte fallback on so
-    unseen characters become byte pieces instead of <unk>. Single-threaded, hence repeatable."""
-    import sentencepiece
-
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(smoke_corpus(seed)), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, byte_fallback=True, character_coverage=1.0, hard_vocab_limit=False,
-        num_threads=1, minloglevel=2)
-    return buf.getvalue()

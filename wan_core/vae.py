@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from .checks import check_weights
+from .checks import check_weights, nearest_valid
 
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -28,21 +28,15 @@ CACHE_T = 2  # frames of left context kept per causal conv between chunks
 
 # ----------------------------------------------------------------------------- shape checks
 
-def _suggest(lower, step, minimum):
-    """'use a or b' for the valid values around a bad one; just the minimum when below it."""
-    return f"use {minimum}" if lower < minimum else f"use {lower} or {lower + step}"
-
-
 def check_video_shape(T, H, W, multiple=8):
     """Raise ValueError unless T = 1+4k frames and H, W are positive multiples of `multiple`
     (8 for the Wan 2.1 VAE, 16 for Wan 2.2's)."""
     problems = []
     if T < 1 or (T - 1) % 4:
-        problems.append(f"length {T} is not 1+4k; " + _suggest(1 + 4 * ((T - 1) // 4), 4, 1))
+        problems.append(f"length {T} is not 1+4k; use {nearest_valid(T, 4, 1)}")
     for name, size in (("height", H), ("width", W)):
         if size < multiple or size % multiple:
-            problems.append(f"{name} {size} is not a multiple of {multiple}; "
-                            + _suggest(size // multiple * multiple, multiple, multiple))
+            problems.append(f"{name} {size} is not a multiple of {multiple}; use {nearest_valid(size, multiple)}")
     if problems:
         raise ValueError("; ".join(problems))
 

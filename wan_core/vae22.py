@@ -137,6 +137,13 @@ class Decoder22(Decoder3d):
 
 # ----------------------------------------------------------------------------- wrapper
 
+def is_vae22(sd):
+    """Whether an official-key VAE state dict is Wan 2.2's: 48 latent channels, so its 1x1 `conv1` maps 96 -> 96 and
+    `conv2` 48 -> 48 (the 2.1 VAE's 32 -> 32 and 16 -> 16)."""
+    w = sd.get("conv1.weight")
+    return w is not None and w.shape[0] == 96
+
+
 class WanVAE22(_WanVAE):
     """Wan 2.2 VAE: encode pixels [B,3,1+4k,16h,16w] in [-1,1] to normalised latents [B,48,1+k,h,w] and
     back (official keys); pixels are patchified 2x2 around the coders."""

@@ -32,8 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import ProjectedAttention
-from .checkpoint import assign_weights
-from .checkpoint import describe
+from .keys import assign_weights, describe, prefix_of, strip_prefix
 from .clip import _norm as norm_f32
 
 CONV_LAYERS = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2  # (kernel, stride) of the feature encoder
@@ -43,7 +42,6 @@ EPS = 1e-5
 MARKER = "feature_projection.projection.weight"
 FILES = ("expected the wav2vec2-large-xlsr-53-english audio encoder: ComfyUI's wav2vec2_large_english_fp16.safetensors "
          "(models/audio_encoders) or the HF model folder's model.safetensors / pytorch_model.bin")
-SMOKE = dict(conv_dim=32, dim=128, ffn_dim=256, num_layers=24)  # tiny, but 25 hidden states like the real one
 
 
 def conv_output_length(num_samples):
@@ -202,16 +200,14 @@ _LAYER_KEY = re.compile(r"^encoder\.layers\.(\d+)\.")
 def to_internal(sd):
     """HF-layout keys without their prefix (`wav2vec2.`, ...), weight norm as weight_g/weight_v; other keys
     (lm_head, masked_spec_embed, quantizer, ...) dropped."""
-    prefix = next((k[: -len(MARKER)] for k in sd if k.endswith(MARKER)), None)
+    prefix = prefix_of(sd, MARKER)
     if prefix is None:
         raise ValueError(f"not a wav2vec2 audio encoder: it looks like {describe(sd)}; {FILES}")
     out = {}
-    for key, value in sd.items():
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            for old, new in _PARAMETRIZED.items():
-                key = key.replace(old, new)
-            out[key] = value
+    for key, value in strip_prefix(sd, prefix).items():
+        for old, new in _PARAMETRIZED.items():
+            key = key.replace(old, new)
+        out[key] = value
     return out
 
 
@@ -233,20 +229,3 @@ def infer_config(sd):
                 num_layers=1 + max(int(m.group(1)) for m in map(_LAYER_KEY.match, sd) if m),
                 pos_kernel=weight_v.shape[-1], pos_groups=dim // weight_v.shape[1],
                 conv_bias="feature_extractor.conv_layers.1.conv.bias" in sd)
-
-
-def smoke_state_dict(seed=0, prefix="", parametrized=True, dtype=torch.float16, **sizes):
-    """A tiny random wav2vec2 in the real key layout (SMOKE sizes unless overridden): ComfyUI's layout
-    (parametrized weight norm, no prefix) by default; parametrized=False, prefix="wav2vec2." gives the hub's."""
-    from .smoke import randomize_  # smoke imports this module
-    model = randomize_(Wav2Vec2(**{**SMOKE, **sizes}), seed=seed)
-    with torch.no_grad():  # gains = ||v|| per kernel tap, so the effective weight is weight_v itself
-        conv = model.encoder.pos_conv_embed.conv
-        conv.weight_g.copy_(conv.weight_v.norm(dim=(0, 1), keepdim=True))
-    names = {v: k for k, v in _PARAMETRIZED.items()} if parametrized else {}
-    out = {}
-    for key, value in model.state_dict().items():
-        leaf = key.rpartition(".")[2]
-        key = key[: -len(leaf)] + names.get(leaf, leaf)
-        out[prefix + key] = value.detach().to(dtype).contiguous()
-    return out
