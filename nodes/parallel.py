@@ -23,6 +23,7 @@ from comfy.patcher_extension import CallbacksMP
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.append(_ROOT)
+from wan_core.convert import FP8  # noqa: E402
 from wan_core.dit import HEAD_DIM  # noqa: E402
 from wan_core.parallel import (ATTENTION_MODES, DiTFiles, ModelSource, WorkerPool, check_devices,  # noqa: E402
                                 check_layout, parse_devices, sample_job)
@@ -154,7 +155,9 @@ class WanLeanParallelSampler:
         factory = DiTFiles.of(sources, dtype)
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
-        weights = len(sources) * sum(p.numel() for p in net.parameters()) * dtype.itemsize
+        # per worker: fp8 matrices stay fp8 (1 byte), the rest in the compute dtype (wan_core.castops.storage_dtypes)
+        weights = len(sources) * sum(p.numel() * (p.element_size() if p.dtype in FP8 else dtype.itemsize)
+                                     for p in net.parameters())
         act = activation_memory(net, shape, dtype, batch)
         pool = get_pool(factory, devices, cfg_parallel, attention, weights + act // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device
