@@ -81,13 +81,15 @@ def parameter_bytes(model):
 def merge_lora_stored(sd, patches, strength=1.0):
     """A new state dict with LoRA patches merged into the weights as stored: math in fp32, the result rounded to the
     weight's storage dtype (fp8 stays fp8); a scaled-fp8 weight is patched as weight * scale_weight and stored back
-    divided by its scale, as ComfyUI's scaled-fp8 Linear converts and sets a patched weight. (ComfyUI rounds a
-    patched fp8 weight stochastically, seeded per key; this rounds to nearest: both within one fp8 step.)"""
+    divided by its scale and clamped to the fp8 range, as ComfyUI's scaled-fp8 Linear converts and sets a patched
+    weight. (ComfyUI rounds a patched fp8 weight stochastically, seeded per key; this rounds to nearest.)"""
     out = dict(sd)
     for key, patch in patches.items():
         weight = sd[key]
         scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
         scale = torch.ones(()) if scale is None else scale.float()
-        merged = weight.float() * scale + strength * delta(patch, weight.shape, weight.device)
-        out[key] = (merged / scale).to(weight.dtype)
+        merged = (weight.float() * scale + strength * delta(patch, weight.shape, weight.device)) / scale
+        if weight.dtype in FP8:  # fp8 e4m3fn has no infinity: out of range would be NaN (ComfyUI clamps as well)
+            merged = merged.clamp(torch.finfo(weight.dtype).min, torch.finfo(weight.dtype).max)
+        out[key] = merged.to(weight.dtype)
     return out
