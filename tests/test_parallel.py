@@ -333,6 +333,8 @@ def test_worker_keeps_fp8_weights(smoke_models, name, weight_dtype):
     fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
     bf16_before = parallel.DiTFiles.of({"m": os.path.join(smoke_models, "diffusion_models", T2V)},
                                        torch.bfloat16)(torch.device("cpu"))["m"]  # what the fp8 source became
+    with torch.no_grad():  # bf16 compute, fp32 time embedding: runs (plain nn.Linear refused the mixed dtypes)
+        assert torch.isfinite(bf16_before(*_fp8_inputs(torch.bfloat16))).all()
     for dtype in (torch.float32, torch.bfloat16):
         worker = parallel.DiTFiles.of({"m": source}, dtype)(torch.device("cpu"))["m"]
         q = worker.blocks[0].self_attn.q
