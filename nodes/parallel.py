@@ -18,6 +18,7 @@ import comfy.model_patcher
 from comfy.patcher_extension import CallbacksMP
 from comfy_api.latest import io
 
+from ..wan_core.convert import FP8
 from ..wan_core.dit import HEAD_DIM
 from ..wan_core.model_source import DiTFiles, ModelSource
 from ..wan_core.parallel import ATTENTION_MODES, sample_job
@@ -134,7 +135,9 @@ class WanLeanParallelSampler(WanLeanNode):
         factory = DiTFiles.of(sources, dtype)
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
                     steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
-        weights = len(sources) * sum(p.numel() for p in net.parameters()) * dtype.itemsize
+        # per worker: fp8 matrices stay fp8 (1 byte), the rest in the compute dtype (wan_core.castops.storage_dtypes)
+        weights = len(sources) * sum(p.numel() * (p.element_size() if p.dtype in FP8 else dtype.itemsize)
+                                     for p in net.parameters())
         act = activation_memory(net, shape, dtype, batch)
         pool = get_pool(factory, devices, cfg_parallel, attention, weights + act // len(devices))
         here = mm.get_torch_device()  # the previewer runs in this process, on ComfyUI's device

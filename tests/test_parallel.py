@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 
 from conftest import scale_close
 from test_lora import pack_module, smoke_loras  # noqa: F401  (a fixture: two LoRAs for the smoke T2V-1.3B)
-from wan_core import parallel, sp_attention, workers
+from wan_core import model_source, parallel, sp_attention, workers
 from wan_core.dit import WanDiT
 from wan_core.pipeline import Cond, Expert, generate
 from wan_core.s2v import WanS2V
@@ -271,7 +271,7 @@ def test_node_model_source(smoke_models, smoke_loras):
     """The workers' model: file, weight dtype and LoRAs from the handle (the pool key changes with each); a model
     without a source or a GGUF one is refused with a message naming the fix."""
     node_module, loaders, lora = (pack_module(n) for n in ("parallel", "loaders", "lora"))
-    model_source = sys.modules["wanlean_pack.wan_core.model_source"]  # the classes the node knows
+    node_source = sys.modules["wanlean_pack.wan_core.model_source"]  # the classes the node knows
     import folder_paths
     for kind in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
@@ -281,14 +281,15 @@ def test_node_model_source(smoke_models, smoke_loras):
     source = node_module.model_source(stacked)
     assert source.path.endswith(T2V) and source.weight_dtype == "float8_e4m3fn"
     assert [(os.path.basename(p), s) for p, s in source.loras] == [(smoke_loras[0], 1.0), (smoke_loras[1], -0.5)]
-    keys = {model_source.DiTFiles.of({"model": node_module.model_source(m)}, torch.float32) for m in (model, stacked)}
+    keys = {node_source.DiTFiles.of({"model": node_module.model_source(m)}, torch.float32) for m in (model, stacked)}
     assert len(keys) == 2
     key = "blocks.0.self_attn.q.weight"
-    sd = source.state_dict(torch.float32)  # fp8-rounded matrices, both LoRAs merged (in fp8), then fp32
-    plain = model_source.ModelSource.of(source.path).state_dict(torch.float32)
-    rounded = model_source.ModelSource.of(source.path, torch.float8_e4m3fn).state_dict(torch.float32)
-    assert sd[key].dtype == torch.float32 and torch.equal(rounded[key], plain[key].to(torch.float8_e4m3fn).float())
-    assert not torch.equal(sd[key], rounded[key]) and torch.equal(sd[key], sd[key].to(torch.float8_e4m3fn).float())
+    sd = source.state_dict(torch.float32)  # fp8-rounded matrices, both LoRAs merged (in fp8), kept in fp8
+    plain = node_source.ModelSource.of(source.path).state_dict(torch.float32)
+    rounded = node_source.ModelSource.of(source.path, torch.float8_e4m3fn).state_dict(torch.float32)
+    assert sd[key].dtype == rounded[key].dtype == torch.float8_e4m3fn and plain[key].dtype == torch.float32
+    assert torch.equal(rounded[key].float(), plain[key].to(torch.float8_e4m3fn).float())
+    assert not torch.equal(sd[key].float(), rounded[key].float())
     with pytest.raises(ValueError, match="no record of the file .* connect Wan Load Diffusion Model"):
         node_module.model_source(dataclasses.replace(model, extra={}))
     gguf = loaders.WanLeanModelLoader.execute("wan2.1-t2v-1.3b-Q8_0.gguf", "default")[0]
@@ -303,3 +304,90 @@ def test_layout_refusals_before_any_worker_starts():
     with pytest.raises(ValueError, match=r"attention 'ulysses' needs the model's head count \(12\) .* \(8\)"):
         workers.check_layout(8, False, "ulysses", 12)
     workers.check_layout(8, False, "ring", 12)
+
+
+FP8_FILES = [("wan2.1_t2v_1.3B_fp8_e4m3fn.safetensors", "default"), ("wan2.1_t2v_1.3B_fp8_e5m2.safetensors", "default"),
+             ("wan2.1_t2v_1.3B_fp8_scaled.safetensors", "default"), (T2V, "fp8_e4m3fn")]
+
+
+def _fp8_inputs(dtype):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 16, 3, 8, 8, generator=g).to(dtype), torch.tensor([600.0]),
+            torch.randn(1, 12, 64, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("name,weight_dtype", FP8_FILES)
+def test_worker_keeps_fp8_weights(smoke_models, name, weight_dtype):
+    """A worker's model from an fp8 source (an fp8 file, scaled fp8, or the loader's fp8 weight dtype) keeps its
+    matrices in fp8 and the rest as stored, cast at use as the single-device loader's model does through ComfyUI's
+    ops (scaled fp8: with its scales, in ComfyUI's order): half the bytes of the bf16 worker model it built before
+    (smoke T2V-1.3B, measured: 2,242,176 bytes vs 4,454,016; scaled 2,258,664), and the loader's output exactly, in
+    fp32 and in bf16 compute (before: fp16 norms/biases/modulation rounded to bf16, rel diff 4.6e-3)."""
+    from wan_core.castops import parameter_bytes
+    from fixtures.variants import write_smoke_variants
+    loaders = pack_module("loaders")
+    import folder_paths
+    write_smoke_variants(smoke_models)
+    folder_paths.add_model_folder_path("diffusion_models", os.path.join(smoke_models, "diffusion_models"))
+    single = loaders.WanLeanModelLoader.execute(name, weight_dtype)[0].patcher.model
+    source = model_source.ModelSource.of(folder_paths.get_full_path("diffusion_models", name),
+                                     loaders.DIT_WEIGHT_DTYPES[weight_dtype])
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    bf16_before = model_source.DiTFiles.of({"m": os.path.join(smoke_models, "diffusion_models", T2V)},
+                                       torch.bfloat16)(torch.device("cpu"))["m"]  # what the fp8 source became
+    with torch.no_grad():  # bf16 compute, fp32 time embedding: runs (plain nn.Linear refused the mixed dtypes)
+        assert torch.isfinite(bf16_before(*_fp8_inputs(torch.bfloat16))).all()
+    for dtype in (torch.float32, torch.bfloat16):
+        worker = model_source.DiTFiles.of({"m": source}, dtype)(torch.device("cpu"))["m"]
+        q = worker.blocks[0].self_attn.q
+        assert q.weight.dtype in fp8 and worker.blocks[1].ffn[2].weight.dtype in fp8
+        assert {k: v.dtype for k, v in worker.state_dict().items()} == \
+               {k: v.dtype for k, v in single.state_dict().items() if not k.endswith("scale_input")}
+        assert ("scaled" in name) == hasattr(q, "scale_weight")
+        if dtype == torch.bfloat16:
+            before, after = parameter_bytes(bf16_before), parameter_bytes(worker)
+            print(f"\n{name} ({weight_dtype}): worker parameters {after:,} bytes vs {before:,} bf16 "
+                  f"({after / before:.2f}x)")
+            assert after < 0.6 * before
+        with torch.no_grad():
+            ours, ref = worker(*_fp8_inputs(dtype)), single(*_fp8_inputs(dtype))
+        assert ours.dtype == dtype and torch.isfinite(ours).all() and ours.std() > 0
+        assert torch.equal(ours, ref), f"{name} {dtype}: max abs diff {(ours - ref).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("name", ["wan2.1_t2v_1.3B_fp8_e4m3fn.safetensors", "wan2.1_t2v_1.3B_fp8_scaled.safetensors"])
+def test_worker_lora_on_fp8(smoke_models, smoke_loras, name):
+    """A LoRA on fp8 weights: the workers merge it into the stored fp8 weights (scaled: through the scale), as
+    ComfyUI's ModelPatcher does when it loads the single-device model (which rounds stochastically, the workers to
+    nearest: the two differ by fp8 rounding noise, far below what the LoRA changes; measured on the smoke LoRA (effect
+    ~0.9 of the output): workers vs single-device 1.1e-1 / 9.1e-2 (e4m3fn / scaled), and vs the fp16 model with the
+    LoRA the workers 7.5e-2 / 7.1e-2, the single-device model 9.3e-2 / 1.2e-1)."""
+    from fixtures.variants import write_smoke_variants
+    loaders, lora = pack_module("loaders"), pack_module("lora")
+    import folder_paths
+    write_smoke_variants(smoke_models)
+    for kind in ("diffusion_models", "loras"):
+        folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
+    model = loaders.WanLeanModelLoader.execute(name, "default")[0]
+    patched = lora.WanLeanLoraLoader.execute(model, smoke_loras[1], 0.8)[0].patcher
+    try:
+        with torch.no_grad():
+            patched.patch_model()  # a full load: LoRA merged into the stored weights
+            ref = patched.model(*_fp8_inputs(torch.float32))
+            source = model_source.ModelSource.of(folder_paths.get_full_path("diffusion_models", name),
+                                             loras=[(folder_paths.get_full_path("loras", smoke_loras[1]), 0.8)])
+            worker = model_source.DiTFiles.of({"m": source}, torch.float32)(torch.device("cpu"))["m"]
+            assert worker.blocks[0].self_attn.q.weight.dtype == torch.float8_e4m3fn
+            ours = worker(*_fp8_inputs(torch.float32))
+    finally:
+        patched.unpatch_model()
+    with torch.no_grad():
+        plain = model.patcher.model(*_fp8_inputs(torch.float32))
+        exact = model_source.DiTFiles.of({"m": dataclasses.replace(source, path=os.path.join(  # fp16 weights + LoRA
+            smoke_models, "diffusion_models", T2V))}, torch.float32)(torch.device("cpu"))["m"](*_fp8_inputs(torch.float32))
+    effect = ((plain - ref).abs().max() / ref.abs().max()).item()
+    rel = scale_close(ours, ref, rel=0.2 * effect)
+    err = [((o - exact).abs().max() / exact.abs().max()).item() for o in (ours, ref)]
+    print(f"\n{name}: LoRA effect {effect:.2e}, workers vs single-device {rel:.2e}; vs fp16+LoRA: workers {err[0]:.2e}, "
+          f"single-device {err[1]:.2e}")
+    assert err[0] <= err[1], "rounding to nearest lands further from the fp16 model + LoRA than stochastic rounding"

@@ -20,16 +20,20 @@ SIZE = {"width": 144, "height": 80, "length": 9, "steps": 4}  # latent 3 x 5 x 9
 PARALLEL = {"devices": "cpu:2", "cfg_parallel": False, "attention": "ring"}
 
 
-def t2v_latent_api(server, lora, parallel=False, prefix="parallel", **inputs):
-    """The T2V workflow (small) with a LoRA loader before the sampler and SaveLatent as its only output; the sampler
-    is the multi-device one when `parallel`."""
+def t2v_latent_api(server, lora, parallel=False, prefix="parallel", model=None, **inputs):
+    """The T2V workflow (small) with a LoRA loader before the sampler (None: none) and SaveLatent as its only output;
+    the sampler is the multi-device one when `parallel`; model: (file, weight dtype) of the model loader."""
     with open(os.path.join(ROOT, "workflows", "wan21_t2v_1.3B.json"), encoding="utf-8") as f:
         api = shrink(ui_to_api(json.load(f), server.object_info()), SIZE)
     sampler_id = next(k for k, v in api.items() if v["class_type"] == "WanLeanSampler")
     sampler = api[sampler_id]
-    api["lora"] = {"class_type": "WanLeanLoraLoader",
-                   "inputs": {"model": sampler["inputs"]["model"], "lora_name": lora, "strength": 0.8}}
-    sampler["inputs"]["model"] = ["lora", 0]
+    if lora is not None:
+        api["lora"] = {"class_type": "WanLeanLoraLoader",
+                       "inputs": {"model": sampler["inputs"]["model"], "lora_name": lora, "strength": 0.8}}
+        sampler["inputs"]["model"] = ["lora", 0]
+    if model is not None:
+        loader = next(v for v in api.values() if v["class_type"] == "WanLeanModelLoader")
+        loader["inputs"].update(model_name=model[0], weight_dtype=model[1])
     if parallel:
         sampler["class_type"] = "WanLeanParallelSampler"
         sampler["inputs"] = {k: v for k, v in sampler["inputs"].items() if not k.startswith("cache_")}
@@ -116,3 +120,18 @@ def test_another_wan_core_first_on_the_path(smoke_models, smoke_loras, tmp_path,
         scale_close(out, reference, rel=1e-5)
         server.free()
     assert not marker.exists(), "a process imported the other wan_core"
+
+
+@pytest.mark.parametrize("model", [("wan2.1_t2v_1.3B_fp8_scaled.safetensors", "default"),
+                                   ("wan2.1_t2v_1.3B_fp16.safetensors", "fp8_e4m3fn")])
+def test_parallel_node_fp8_in_server(server, smoke_models, model):
+    """An fp8 model (ComfyUI's scaled fp8 file; the loader's fp8 weight dtype) on the multi-device node: the workers
+    keep its matrices in fp8 (wan_core.castops) and save the single-device sampler's latent."""
+    from fixtures.variants import write_smoke_variants
+    write_smoke_variants(smoke_models)
+    reference = latent_of(server, server.run(t2v_latent_api(server, None, prefix="single_fp8", model=model)))
+    out = latent_of(server, server.run(t2v_latent_api(server, None, parallel=True, prefix="parallel_fp8", model=model)))
+    assert out.shape == reference.shape == (1, 16, 3, 10, 18)
+    assert out.isfinite().all() and out.std() > 0
+    scale_close(out, reference, rel=1e-5)
+    server.free()

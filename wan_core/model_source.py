@@ -6,10 +6,10 @@ from typing import Optional
 
 import torch
 
+from .castops import casting_ops, merge_lora_stored, storage_dtypes
 from .checkpoint import load_dit, read_file
-from .convert import cast_weights, fold_fp8_scales
 from .dit import WanDiT
-from .lora import match_lora, merge_lora
+from .lora import match_lora
 from .s2v import WanS2V, is_s2v_state_dict
 
 
@@ -36,23 +36,26 @@ class ModelSource:
         return cls(path, _dtype_name(weight_dtype), loras, stamps, attention)
 
     def state_dict(self, dtype):
-        """Official-key weights in the compute `dtype`: the file stored as the loader stores it, the LoRAs merged
-        in that storage dtype (as ComfyUI patches a model's weights), then cast; scaled fp8 is folded first."""
+        """Official-key weights as a worker stores them (wan_core.castops.storage_dtypes): the file loaded as the
+        loader loads it, the LoRAs merged in that storage dtype (as ComfyUI patches a model's weights); fp8 sources
+        kept as stored (scaled fp8 with its `scale_weight` scalars, as ComfyUI's scaled-fp8 ops keep them), others
+        cast to the compute `dtype`."""
         ckpt = load_dit(self.path, self.weight_dtype and getattr(torch, self.weight_dtype))
         if ckpt.quantized:
             raise ValueError(f"{os.path.basename(self.path)} is GGUF ({ckpt.quantized}): multi-device sampling needs "
                              "a bf16/fp16/fp32/fp8 file of the model (or use Wan Sampler on one device)")
-        sd = fold_fp8_scales(ckpt.sd, dtype) if ckpt.scaled_fp8 is not None else ckpt.sd
+        sd = {k: v for k, v in ckpt.sd.items() if not k.endswith(".scale_input")}  # used only by fp8 matmuls
         for path, strength in self.loras:
             match = match_lora(read_file(path), sd).check(f"'{os.path.basename(path)}'")
-            sd = merge_lora(sd, match.patches, strength)
-        return cast_weights(sd, dtype)
+            sd = merge_lora_stored(sd, match.patches, strength)
+        return storage_dtypes(sd, dtype)
 
 
 @dataclass(frozen=True)
 class DiTFiles:
-    """A picklable model factory for the workers: {name: ModelSource} built in the compute dtype on the worker's
-    device. Equal instances mean the same models (the pool's reuse key)."""
+    """A picklable model factory for the workers: {name: ModelSource} built on the worker's device, weights stored
+    as ModelSource.state_dict stores them (fp8 stays fp8) and cast to each input's dtype at use (wan_core.castops).
+    Equal instances mean the same models (the pool's reuse key)."""
     models: tuple  # ((name, ModelSource), ...)
     dtype: str = "bfloat16"
 
@@ -67,6 +70,7 @@ class DiTFiles:
         for name, source in self.models:
             sd = source.state_dict(getattr(torch, self.dtype))
             family = WanS2V if is_s2v_state_dict(sd) else WanDiT
-            models[name] = family.from_state_dict(sd).to(device).eval()
+            ops = casting_ops(scaled=any(k.endswith(".scale_weight") for k in sd))  # weights cast at use
+            models[name] = family.from_state_dict(sd, ops=ops).to(device).eval()
             models[name].attention_backend = source.attention
         return models
