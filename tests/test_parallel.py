@@ -272,6 +272,8 @@ def test_node_model_source(smoke_models, smoke_loras):
     without a source or a GGUF one is refused with a message naming the fix."""
     node_module, loaders, lora = (pack_module(n) for n in ("parallel", "loaders", "lora"))
     node_source = sys.modules["wanlean_pack.wan_core.model_source"]  # the classes the node knows
+    from fixtures.variants import write_smoke_variants
+    write_smoke_variants(smoke_models)  # the GGUF file refused below (whichever test runs first)
     import folder_paths
     for kind in ("diffusion_models", "loras"):
         folder_paths.add_model_folder_path(kind, os.path.join(smoke_models, kind))
