@@ -37,6 +37,17 @@ def scale_close(ours, ref, rel=1e-4):
     return diff / max(scale, 1e-12)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits (several times faster on a busy 2-core box). A module
+    opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smoke_models():
     """The smoke models folder (tiny random checkpoints in the real layouts), written once."""

@@ -27,18 +27,12 @@ from wan_core.s2v import WanS2V
 from wan_core.wav2vec2 import Wav2Vec2
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.cuda.amp:FutureWarning"),  # the official code's autocast
-              pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")]
+              pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 WIDTH, HEADS = 32, 2
 SECONDS = 6.3  # 2 clips: T30 = 188 feature frames at 30 fps, 100 video frames with audio, the rest of clip 2 silent
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(module, seed, std=0.05):

@@ -17,19 +17,13 @@ from wan_core import checkpoint
 from wan_core.s2v import AUDIO_INJECT_LAYERS, WanS2V
 
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.cuda.amp:FutureWarning"),  # the official code's autocast
-              pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")]
+              pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 SIZES = dict(dim=256, ffn_dim=384, num_heads=2, num_layers=5, freq_dim=256, text_dim=48, audio_dim=32,
              audio_inject_layers=list(AUDIO_INJECT_LAYERS[:2]))  # head dim 128 as every Wan; injectors after 0 and 4
 FRAMES, LAT_H, LAT_W, TEXT = 3, 16, 8, 7  # 8 x 4 tokens per latent frame; frame pack 32 + 8 + 8 motion tokens
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomize(model, seed=1, std=0.05):

@@ -14,6 +14,8 @@ from wan_core.dit import WanDiT
 from wan_core.s2v import AUDIO_INJECT_LAYERS, WanS2V, motion_positions
 from fixtures.smoke import randomize_
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY = dict(dim=256, ffn_dim=384, num_layers=5, text_dim=48, freq_dim=64, audio_dim=32, audio_layers=25,
             audio_inject_layers=AUDIO_INJECT_LAYERS[:2])  # injectors after blocks 0 and 4
 B, FRAMES, LAT_H, LAT_W = 2, 3, 16, 8  # 8 x 4 tokens per latent frame
@@ -22,14 +24,6 @@ B, FRAMES, LAT_H, LAT_W = 2, 3, 16, 8  # 8 x 4 tokens per latent frame
 OFFICIAL_MOTION = {-1: ([-1], range(8), range(4)), -3: ([-3], [0, 2, 4, 7], [0, 3]),
                    -19: ([-19, -14, -9, -4], [0, 7], [0])}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits (several times faster on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def native_s2v(cfg):
