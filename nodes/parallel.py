@@ -27,7 +27,7 @@ from ..wan_core.workers import WorkerPool, check_devices, check_layout, parse_de
 from .common import WanLeanNode, WanLeanModel, compute_dtype, step_callback
 from .loaders import DIT_WEIGHT_DTYPES
 from .sampler import (activation_memory, cfg_input, check_experts, checked_inputs, cond_inputs, low_noise_inputs, passes,
-                      sampling_inputs)
+                      sampling_inputs, seed_mode_input)
 
 _POOL = {"pool": None, "stand_in": None}
 
@@ -114,11 +114,12 @@ class WanLeanParallelSampler(WanLeanNode):
                 "attention.")),
             *low_noise_inputs("Wan 2.2 A14B only: the low-noise expert; `model` is then the high-noise one and `cfg` "
                               "its guidance.", "A14B only: s"),
+            seed_mode_input(),  # added after the V1 schema: last, so that workflows saved before keep their values
         ], [io.Latent.Output(display_name="latent")], progress=True)
 
     @classmethod
     def execute(cls, model, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, devices,
-                cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875):
+                cfg_parallel, attention, low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, seed_mode="comfy"):
         devices = check_devices(parse_devices(devices), devices)
         check_layout(len(devices), cfg_parallel, attention, model.patcher.model.dim // HEAD_DIM)
         device = torch.device(devices[0])
@@ -134,7 +135,8 @@ class WanLeanParallelSampler(WanLeanNode):
                             "video over all of them")
         factory = DiTFiles.of(sources, dtype)
         spec = dict(experts=plan, cond=Cond(**vars(cond)), uncond=Cond(**vars(uncond)), seed=seed,
-                    steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype)
+                    steps=steps, shift=shift, sampler=sampler, width=width, height=height, length=length, dtype=dtype,
+                    noise_mode=seed_mode)
         # per worker: fp8 matrices stay fp8 (1 byte), the rest in the compute dtype (wan_core.castops.storage_dtypes)
         weights = len(sources) * sum(p.numel() * (p.element_size() if p.dtype in FP8 else dtype.itemsize)
                                      for p in net.parameters())

@@ -135,3 +135,15 @@ def test_parallel_node_fp8_in_server(server, smoke_models, model):
     assert out.isfinite().all() and out.std() > 0
     scale_close(out, reference, rel=1e-5)
     server.free()
+
+
+def test_parallel_node_seed_mode_official(server, smoke_models):
+    """seed_mode official on the multi-device node: every rank draws the official noise (its own device's generator,
+    seeded alike), so the latent equals Wan Sampler's in seed_mode official. (On the CPU the official T2V draw is the
+    same float32 CPU generator as comfy's, so the two modes agree here; tests/test_official.py checks the draw.)"""
+    official = dict(seed=11, seed_mode="official")
+    reference = latent_of(server, server.run(t2v_latent_api(server, None, prefix="single_official", **official)))
+    out = latent_of(server, server.run(t2v_latent_api(server, None, parallel=True, prefix="parallel_official", **official)))
+    scale_close(out, reference, rel=1e-5)
+    assert out.isfinite().all() and out.std() > 0
+    server.free()
