@@ -16,7 +16,7 @@ from torch._dynamo.utils import counters
 from conftest import ROOT, import_comfy, scale_close
 from workflow_api import combo_options
 from test_memory import T2V, conds, fake_gpu, nodes, sample  # noqa: F401  (fixtures)
-from test_s2v import TINY as S2V_TINY, inputs as s2v_inputs, one_thread  # noqa: F401  (autouse: one thread)
+from test_s2v import TINY as S2V_TINY, inputs as s2v_inputs
 from wan_core import attention
 from wan_core.compile import compile_blocks
 from wan_core.dit import Block, WanDiT
@@ -28,6 +28,8 @@ import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.ops  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 FAST = "eager"
 

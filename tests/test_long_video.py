@@ -6,13 +6,14 @@ import os
 import pytest
 import torch
 
-from test_s2v import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 from wan_core.dit import WanDiT
 from wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, cross_fade, generate_long
 from wan_core.pipeline import Expert, frame_mask, initial_noise
 from fixtures.smoke import VAE22_TINY, VAE_TINY, randomize_
 from wan_core.vae import WanVAE21
 from wan_core.vae22 import WanVAE22
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 W = H = 32
 CLIP, OVERLAP, CLIPS = 13, 5, 3

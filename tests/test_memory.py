@@ -24,13 +24,14 @@ from torch.utils._pytree import tree_flatten
 
 from conftest import import_comfy, run_workflow
 from test_lora import pack_module
-from test_s2v import one_thread  # noqa: F401  (autouse: tiny tensors run faster on one thread)
 from wan_core.dit import WanDiT
 from wan_core.t5 import UMT5Encoder
 
 import_comfy()
 import comfy.model_management as mm  # noqa: E402
 import folder_paths  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors run faster on one thread
 
 FAKE = torch.device("cpu", 0)  # the pretend GPU: a device ComfyUI does not take for its CPU
 FOLDERS = ("diffusion_models", "vae", "text_encoders", "clip_vision")
