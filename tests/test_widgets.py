@@ -154,11 +154,13 @@ def settings(spec, name, value):
 
 def clip_trio(name, sets):
     """Wan Long Video's length / clip_length / overlap around the one tried, at the fewest frames: one clip of
-    `length` (or of `clip_length`), or two clips of overlap + 4 frames when the overlap is tried. A length past the
+    `length` (or of `clip_length`), or two clips of 2 x overlap + 3 frames (the shortest clip it is less than half
+    of) when the overlap is tried. A length past the
     longest clip keeps the base graph's 13-frame clips (whole clips or refused, EXPECT says which)."""
     one_prompt = {"prompts": ""}  # the workflow's 3 prompt lines would be more lines than clips
     if name == "overlap":
-        return {"clip_length": sets["overlap"] + 4, "length": sets["overlap"] + 8, **one_prompt}
+        clip = 2 * sets["overlap"] + 3
+        return {"clip_length": clip, "length": 2 * clip - sets["overlap"], **one_prompt}
     if name == "clip_length":
         return {"length": sets["clip_length"], "overlap": 1, **one_prompt}
     if "length" in sets and sets["length"] <= LONGEST_CLIP:

@@ -48,8 +48,9 @@ def count_clips(length, clip_length, overlap):
     if clip_length < 5 or (clip_length - 1) % TIME_STRIDE:
         raise ValueError(f"clip_length {clip_length} is not 1+4k frames (5 or more); use e.g. 81")
     if overlap < 1 or (overlap - 1) % TIME_STRIDE or 2 * overlap >= clip_length:
+        most = 1 + TIME_STRIDE * ((clip_length - 2) // 2 // TIME_STRIDE)  # the largest 1+4j below clip_length / 2
         raise ValueError(f"overlap {overlap} must be 1+4j frames and less than half of clip_length {clip_length}; "
-                         "use e.g. 1, 5 or 9")
+                         + ("use 1" if most == 1 else f"use 1 to {most}"))
     step = clip_length - overlap
     n = (length - overlap) // step  # whole clips that fit
     if n >= 1 and length == clip_length + (n - 1) * step:
