@@ -174,7 +174,13 @@ def test_each_model_runs_its_own_backend(picks):
         for model, name in ((flash, "flash"), (sage, "sage"), (flash, "flash"), (default, "sdpa")):
             picks.clear()
             with att.use_backend("sage" if model is flash else "flash"):  # the model's own choice wins inside it
-                assert torch.equal(model(x, t, ctx), ref)
+                out = model(x, t, ctx)
+            # the fakes answer with SDPA, but the text's padding slots reach a kernel without a mask repeated, not
+            # weighted (wan_core.attention._repeated_last): the same attention, rounded differently
+            if name == "sdpa":
+                assert torch.equal(out, ref)
+            else:
+                torch.testing.assert_close(out, ref, rtol=0, atol=5e-6)  # outputs of scale ~1
             assert [n for _, n in picks] == [name] * 4
         sdpa = tiny_dit("sdpa")
         assert torch.equal(sdpa(x, t, ctx), ref)  # the default (auto -> sdpa on the CPU): the same outputs as before

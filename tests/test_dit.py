@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import import_comfy, scale_close
-from wan_core.dit import WanDiT, rope_axes
+from wan_core.dit import Text, WanDiT, rope_axes
 from fixtures.smoke import randomize_
 
 TINY = dict(dim=256, ffn_dim=384, num_layers=2, text_dim=48, freq_dim=64)
@@ -61,6 +61,40 @@ def test_forward_matches_native(variant, grid):
     assert out.shape == (2, cfg["out_dim"]) + x.shape[2:]
     assert out.abs().max() > 1e-2
     scale_close(out, expect)
+
+
+def every_slot(model, context):
+    """The official text path: zero-pad to text_len slots and embed (and attend) every one of them."""
+    return Text(model.text_embedding(torch.nn.functional.pad(context, (0, 0, 0, max(0, 512 - context.shape[1])))))
+
+
+@pytest.mark.parametrize("lengths", [(7, 70), (64, 1), (65, 0), (512, 3), (600, 600)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_padding_is_embedded_once(monkeypatch, lengths, dtype):
+    """The zero slots past the last real text token embed to one token that attention counts once per slot (fp32: a
+    log-count mask for SDPA; bf16: the token repeated): the output of attending every slot, batch items of
+    different lengths together, a context longer than 512 kept whole."""
+    import_comfy()
+    import comfy.ops
+    cfg = dict(TINY, **VARIANTS["t2v"])
+    model = randomize_(WanDiT(**cfg, ops=None if dtype == torch.float32 else comfy.ops.manual_cast), seed=1).eval()
+    model.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(2, 16, 2, 8, 8, generator=g).to(dtype), torch.tensor([999.0, 437.0])
+    ctx = torch.zeros(2, max(lengths), cfg["text_dim"])
+    for i, n in enumerate(lengths):
+        ctx[i, :n] = torch.randn(n, cfg["text_dim"], generator=g)
+    text = model.embed_text(ctx.to(dtype))
+    keep = min(max(lengths, default=1) + 63 & ~63, max(512, ctx.shape[1]))
+    assert text.tokens.shape[1] == keep + (text.pads > 0) and text.pads == max(512, ctx.shape[1]) - keep
+    with torch.no_grad():
+        out = model(x, t, ctx.to(dtype))
+        monkeypatch.setattr(WanDiT, "embed_text", every_slot)
+        ref = model(x, t, ctx.to(dtype))
+    if dtype == torch.float32:
+        scale_close(out, ref, rel=1e-6)
+    else:  # the repeated token has the bits each zero slot's own embedding has
+        assert torch.equal(out, ref)
 
 
 def test_i2v_y_is_concatenated_on_channels():

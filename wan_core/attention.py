@@ -15,6 +15,7 @@ on its value) but breaks the graph at every ContextVar.get.
 """
 import contextlib
 import importlib
+import math
 import threading
 import warnings
 
@@ -124,9 +125,28 @@ def resolve(q, backend=None):
     return name
 
 
-def attention(q, k, v, backend=None):
-    """Scaled dot-product attention over [B, L, H, D] inputs; returns [B, Lq, H*D]."""
+def attention(q, k, v, backend=None, last_count=1):
+    """Scaled dot-product attention over [B, L, H, D] inputs; returns [B, Lq, H*D].
+    last_count n > 1: the last key/value pair stands for n identical ones (the same result as repeating it n times)."""
+    if last_count > 1:
+        return _repeated_last(q, k, v, backend, last_count)
     return _KERNELS[resolve(q, backend)][0](q, k, v).flatten(2)
+
+
+def _repeated_last(q, k, v, backend, count):
+    """n identical keys with identical values weigh as one whose score is raised by log(n). For SDPA in fp32 that bias
+    goes in as its mask (more exact than n terms: the sum has fewer roundings); in half precision the mask itself
+    would be rounded (bf16: up to 1.6% of those keys' weight) and the other kernels take no mask, so the pair is
+    repeated instead."""
+    name = resolve(q, backend)
+    if name != "sdpa" or q.dtype != torch.float32:
+        k, v = (torch.cat([t, t[:, -1:].expand(-1, count - 1, -1, -1)], dim=1) for t in (k, v))
+        return _KERNELS[name][0](q, k, v).flatten(2)
+    bias = torch.zeros(k.shape[1], device=q.device, dtype=q.dtype)
+    bias[-1] = math.log(count)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=bias.view(1, 1, 1, -1))
+    return out.transpose(1, 2).flatten(2)
 
 
 class ProjectedAttention(torch.nn.Module):

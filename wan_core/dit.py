@@ -2,10 +2,12 @@
 
 Numerics follow the official wan/modules/model.py: fp32 sinusoid time embedding ([cos, sin]),
 fp32 modulation and non-affine LayerNorms, RMSNorm over the full width before the head split,
-3-axis RoPE (frame/height/width) with adjacent-pair rotation, text context zero-padded to 512.
+3-axis RoPE (frame/height/width) with adjacent-pair rotation, text context zero-padded to 512 (the padding slots
+embedded once and counted per slot: `WanDiT.embed_text`).
 State-dict keys are the official ones (`blocks.N.self_attn.q.weight`, `head.modulation`, ...).
 """
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -17,6 +19,18 @@ from .cache import block0_signal
 from .checks import check_weights
 
 HEAD_DIM = 128  # every official Wan model uses 128-wide heads
+TEXT_ROWS = 64  # embedded text rows are kept in multiples of this (one compiled block shape per multiple)
+
+
+class Text(NamedTuple):
+    """Embedded text: tokens [B, n, dim]; pads > 1: the last token stands for that many identical padding slots."""
+    tokens: torch.Tensor
+    pads: int = 0
+
+
+def text_parts(context):
+    """(tokens, pads) of a Text, or of a plain context tensor (no pads)."""
+    return tuple(context) if isinstance(context, Text) else (context, 0)
 
 
 class RMSNorm(nn.Module):
@@ -104,6 +118,17 @@ def apply_rope(x, rope):
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
 
 
+class TanhGELU(nn.GELU):
+    """GELU (tanh approximation), in place when no gradient is recorded: the FFN's widest activation is then not
+    allocated twice (on the CPU each fresh buffer of that size costs page faults as well as memory)."""
+
+    def __init__(self):
+        super().__init__(approximate="tanh")
+
+    def forward(self, x):
+        return torch.ops.aten.gelu_(x, approximate="tanh") if not torch.is_grad_enabled() else super().forward(x)
+
+
 class Attention(nn.Module):
     """q/k/v/o projections with RMSNorm on q and k over the full width (before the head split)."""
 
@@ -134,8 +159,10 @@ class CrossAttention(Attention):
             self.norm_k_img = RMSNorm(dim, eps)
 
     def forward(self, x, context, context_img=None):
+        """context: a Text (WanDiT.embed_text) or a tensor [B, n, dim]."""
+        tokens, pads = text_parts(context)
         q = self.split(self.norm_q(self.q(x)))
-        out = attention(q, self.split(self.norm_k(self.k(context))), self.split(self.v(context)))
+        out = attention(q, self.split(self.norm_k(self.k(tokens))), self.split(self.v(tokens)), last_count=pads)
         if context_img is not None:
             k_img = self.split(self.norm_k_img(self.k_img(context_img)))
             out = out + attention(q, k_img, self.split(self.v_img(context_img)))
@@ -165,15 +192,15 @@ class Block(nn.Module):
         self.self_attn = SelfAttention(dim, heads, eps, ops)
         self.norm3 = ops.LayerNorm(dim, eps=eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, heads, eps, ops, image)
-        self.ffn = nn.Sequential(ops.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), ops.Linear(ffn_dim, dim))
+        self.ffn = nn.Sequential(ops.Linear(dim, ffn_dim), TanhGELU(), ops.Linear(ffn_dim, dim))
         self.modulation = nn.Parameter(torch.zeros(1, 6, dim))
 
     def forward(self, x, e, rope, context, context_img=None, segments=None):
         """x [B, L, dim] fp32 residual stream (as the official code keeps it); e [B, Lt, 6, dim] fp32
-        (Lt = 1, or L for per-token timesteps, or len(segments): see `modulate`); context [B, 512, dim]
-        (+ CLIP tokens) in the compute dtype."""
+        (Lt = 1, or L for per-token timesteps, or len(segments): see `modulate`); context: a Text (or tensor) in the
+        compute dtype, context_img the CLIP tokens."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation.to(e)[:, None] + e).unbind(2)
-        dt = context.dtype
+        dt = text_parts(context)[0].dtype
         h = modulate(layer_norm_f32(x, self.eps), 1 + scale1, shift1, segments)
         x = gated_residual(x, self.self_attn(h.to(dt), rope), gate1, segments)
         x = x + self.cross_attn(self.norm3(x).to(dt), context, context_img)  # promoted to fp32
@@ -240,11 +267,15 @@ class WanDiT(nn.Module):
         return self._rope_cache[key]
 
     def embed_text(self, context):
-        """Zero-pad the text features to text_len slots (as the official code does), then project."""
-        pad = self.text_len - context.shape[1]
-        if pad > 0:
-            context = F.pad(context, (0, 0, 0, pad))
-        return self.text_embedding(context)
+        """Text features [B, L, text_dim] -> Text. The official model zero-pads them to text_len slots and attends all
+        of them; every zero slot embeds to the same key and value, so the rows past the last non-zero one (rounded
+        up to TEXT_ROWS) are embedded once, as one token counted `pads` times: the same attention, less work."""
+        slots = max(self.text_len, context.shape[1])
+        used = context.ne(0).any(-1).any(0).nonzero()
+        keep = min(slots, -(-(int(used.max()) + 1 if used.numel() else 1) // TEXT_ROWS) * TEXT_ROWS)
+        pads = slots - keep
+        rows = F.pad(context[:, :keep], (0, 0, 0, keep + (pads > 0) - min(keep, context.shape[1])))
+        return Text(self.text_embedding(rows), pads)
 
     def embed_time(self, t):
         """t [B] or [B, Lt] raw timesteps (0..1000) -> e [B, Lt, dim], e0 [B, Lt, 6, dim], both fp32."""
