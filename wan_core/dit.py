@@ -272,7 +272,8 @@ class WanDiT(nn.Module):
         up to TEXT_ROWS) are embedded once, as one token counted `pads` times: the same attention, less work."""
         slots = max(self.text_len, context.shape[1])
         used = context.ne(0).any(-1).any(0).nonzero()
-        keep = min(slots, -(-(int(used.max()) + 1 if used.numel() else 1) // TEXT_ROWS) * TEXT_ROWS)
+        last = int(used.max()) + 1 if used.numel() else 1
+        keep = min(slots, math.ceil(last / TEXT_ROWS) * TEXT_ROWS)
         pads = slots - keep
         rows = F.pad(context[:, :keep], (0, 0, 0, keep + (pads > 0) - min(keep, context.shape[1])))
         return Text(self.text_embedding(rows), pads)
