@@ -7,9 +7,10 @@ import zlib
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST = os.path.join(ROOT, ".host", "ComfyUI")
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _p in (ROOT, os.path.join(ROOT, "scripts")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+from comfy_host import HOST_DIR as HOST  # noqa: E402  ($WANLEAN_HOST, else the newest installed host)
 
 
 def import_comfy(device="cpu"):

@@ -1,4 +1,4 @@
-"""Drive a real headless ComfyUI server (the host tree in .host/ComfyUI) from Python (stdlib, and aiohttp for /ws).
+"""Drive a real headless ComfyUI server (the host tree selected by $WANLEAN_HOST, see select_host) from Python (stdlib, and aiohttp for /ws).
 
     with ComfyServer(models_dir=".smoke/models", output_dir="output") as srv:
         entry = srv.run(api_prompt)          # queue + wait; raises ExecutionError / Interrupted
@@ -26,7 +26,29 @@ import urllib.request
 import uuid
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST_DIR = os.path.join(REPO_ROOT, ".host", "ComfyUI")
+# The ComfyUI hosts scripts/setup.sh installs, oldest first: version -> (host tree, its venv), both under the repo.
+# 0.3.75 comes from the registry (always there); 0.33.0 from ../shared/hosts when that folder exists.
+HOSTS = {"0.3.75": (".host/ComfyUI", ".venv"), "0.33.0": (".host/ComfyUI-0.33.0", ".venv-0.33.0")}
+
+
+def installed_hosts():
+    """The versions of HOSTS whose tree and venv are both in place, oldest first."""
+    return [v for v, (tree, venv) in HOSTS.items()
+            if os.path.isfile(os.path.join(REPO_ROOT, tree, "main.py"))
+            and os.path.isfile(os.path.join(REPO_ROOT, venv, "bin", "python"))]
+
+
+def select_host(name=None):
+    """(ComfyUI folder, python) of the host named by `name` or $WANLEAN_HOST: a version of HOSTS, or the path of a
+    ComfyUI folder (then $WANLEAN_HOST_PYTHON or this interpreter runs it). Unset: the newest installed host."""
+    name = name or os.environ.get("WANLEAN_HOST") or (installed_hosts() or ["0.3.75"])[-1]
+    if name in HOSTS:
+        tree, venv = HOSTS[name]
+        return os.path.join(REPO_ROOT, tree), os.path.join(REPO_ROOT, venv, "bin", "python")
+    return os.path.abspath(os.path.expanduser(name)), os.environ.get("WANLEAN_HOST_PYTHON") or sys.executable
+
+
+HOST_DIR, HOST_PYTHON = select_host()
 PACK_LINK = "ComfyUI-WanLean"
 # Model folder names always mapped (besides every subfolder found in models_dir).
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "vae", "text_encoders", "clip", "clip_vision", "loras",
@@ -70,9 +92,14 @@ def free_port():
 
 
 def host_python():
-    """The repo venv's python when present (the server needs its packages), else the running one."""
-    venv = os.path.join(REPO_ROOT, ".venv", "bin", "python")
-    return venv if os.path.isfile(venv) else sys.executable
+    """The selected host's python when present (the server needs its packages), else the running one."""
+    return HOST_PYTHON if os.path.isfile(HOST_PYTHON) else sys.executable
+
+
+def host_version(host_dir=HOST_DIR):
+    """The ComfyUI version a host tree declares (comfyui_version.py), e.g. '0.33.0'."""
+    with open(os.path.join(host_dir, "comfyui_version.py"), encoding="utf-8") as f:
+        return re.search(r"__version__\s*=\s*[\"']([^\"']+)", f.read()).group(1)
 
 
 def link_pack(pack_dir, host_dir=HOST_DIR, name=PACK_LINK):
@@ -162,7 +189,8 @@ class ComfyServer:
     """A ComfyUI server subprocess on 127.0.0.1 (CPU mode); use as a context manager or call start()/stop()."""
 
     def __init__(self, models_dir=None, output_dir=None, port=None, extra_args=(), pack_dir=REPO_ROOT, log_path=None,
-                 input_dir=None, host_dir=HOST_DIR):
+                 input_dir=None, host_dir=HOST_DIR, python=None):
+        self.python = python or host_python()  # the interpreter with the host's requirements
         self.host_dir = host_dir  # a ComfyUI folder; pack_dir None: the pack is already in its custom_nodes
         self.models_dir = models_dir
         self.input_dir = input_dir
@@ -181,7 +209,7 @@ class ComfyServer:
     # -- lifecycle -------------------------------------------------------------------------------------------
     def command(self):
         """The server's command line."""
-        cmd = [host_python(), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--output-directory", self.output_dir, "--temp-directory", self.scratch]
         if self.models_dir is not None:
             yaml_path = write_model_paths_yaml(self.models_dir, os.path.join(self.scratch, "extra_model_paths.yaml"))
@@ -345,7 +373,7 @@ class ComfyServer:
     def output_files(self, history_entry):
         """Absolute paths of the files a history entry's outputs list (any item with a filename)."""
         roots = {"output": self.output_dir, "temp": os.path.join(self.scratch or "", "temp"),
-                 "input": os.path.join(HOST_DIR, "input")}
+                 "input": os.path.join(self.host_dir, "input")}
         paths = []
         for node_out in history_entry.get("outputs", {}).values():
             for items in node_out.values():

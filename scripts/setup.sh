@@ -22,3 +22,4 @@ if [ ! -f "$stamp" ]; then
 fi
 
 bash "$root/scripts/fetch-host.sh" "$py"
+bash "$root/scripts/setup-host.sh"   # ComfyUI 0.33.0 beside it, where ../shared/hosts has it

@@ -1,16 +1,21 @@
-"""Shared test setup: the real ComfyUI host tree (.host/ComfyUI) importable as the parity reference."""
+"""Shared test setup: the real ComfyUI host tree ($WANLEAN_HOST, see scripts/comfy_host.select_host) importable as
+the parity reference and run as the server."""
 import os
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HOST = os.path.join(ROOT, ".host", "ComfyUI")
 SMOKE_MODELS = os.path.join(ROOT, ".smoke", "models")
 SMOKE_INPUT = os.path.join(ROOT, ".smoke", "input")
 for _p in (ROOT, os.path.join(ROOT, "scripts")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
+from comfy_host import HOST_DIR as HOST, host_version  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {host_version(HOST)} at {HOST}" if os.path.isfile(os.path.join(HOST, "main.py")) else None
 
 
 def import_comfy(cpu=True):
