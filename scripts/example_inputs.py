@@ -72,15 +72,16 @@ def write_pose(path, frames=48):
         out.mux(stream.encode())
 
 
-def write_examples(folder):
-    """Write the example inputs into `folder` (idempotent); returns the folder."""
+WRITERS = {NAMES[0]: lambda path: draw(0.2).save(path), NAMES[1]: lambda path: draw(0.8).save(path),
+           SPEECH: write_speech, POSE: write_pose}
+
+
+def write_examples(folder, names=None):
+    """Write the example inputs named in `names` (default all) into `folder` (idempotent); returns the folder.
+    Only the speech needs a tool beyond Python (espeak-ng), so a workflow without it never asks for one."""
     os.makedirs(folder, exist_ok=True)
-    for name, sun_x in zip(NAMES, (0.2, 0.8)):
-        path = os.path.join(folder, name)
-        if not os.path.exists(path):
-            draw(sun_x).save(path)
-    for name, write in ((SPEECH, write_speech), (POSE, write_pose)):
-        if not os.path.exists(os.path.join(folder, name)):
+    for name, write in WRITERS.items():
+        if (names is None or name in names) and not os.path.exists(os.path.join(folder, name)):
             write(os.path.join(folder, name))
     return folder
 
