@@ -34,6 +34,20 @@ def import_comfy(cpu=True):
     return sys.modules["comfy"]
 
 
+def assert_progress(values, total):
+    """The progress values a node of `total` steps sent through comfy.utils.ProgressBar, as the host sends them: every
+    step, in order, on a host without throttling (0.3.75); newer hosts (0.33: PROGRESS_THROTTLE_MIN_INTERVAL in
+    comfy/utils.py) drop updates closer than 100 ms or 0.5% when no preview goes with them, but always send the first
+    and the last."""
+    with open(os.path.join(HOST, "comfy", "utils.py"), encoding="utf-8") as f:
+        throttled = "PROGRESS_THROTTLE_MIN_INTERVAL" in f.read()
+    if not throttled:
+        assert values == list(range(1, total + 1)), f"progress {values}, expected every step of {total}"
+        return
+    assert values[:1] == [1] and values[-1:] == [total], f"progress {values}: the first and last step must be sent"
+    assert values == sorted(set(values)) and set(values) <= set(range(1, total + 1)), f"progress {values}"
+
+
 def scale_close(ours, ref, rel=1e-4):
     """Max abs difference within `rel` of the reference output's scale (max abs value)."""
     diff = (ours.double() - ref.double()).abs().max().item()

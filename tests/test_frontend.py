@@ -30,8 +30,13 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 READY_JS = "() => window.app?.graph && window.LiteGraph?.registered_node_types?.KSampler"
-DIALOG = ".p-dialog:visible"
-CLOSE_BUTTON = ".p-dialog-close-button, button:has(.pi-times), button[aria-label='Close']"
+# PrimeVue dialogs (frontend 1.32, ComfyUI 0.3.75) and the role=dialog ones of frontend 1.49 (ComfyUI 0.33)
+DIALOG = ".p-dialog:visible, [role=dialog]:visible"
+# what frontend 1.49 raises instead of a dialog for a graph's problems (missing nodes): an overlay with "View details",
+# which opens the errors panel naming each missing node
+PROBLEMS = f"{DIALOG}, [data-testid=error-overlay]:visible, [data-testid=error-group-missing-node]:visible"
+CLOSE_BUTTON = (".p-dialog-close-button, button:has(.pi-times), button[aria-label='Close'], "
+                "button[aria-label='Close dialog']")
 GRAPH_JS = """() => window.app.graph._nodes.map(n => ({id: n.id, type: n.type, has_errors: !!n.has_errors,
     registered: !!window.LiteGraph.registered_node_types[n.type], box: Array.from(n.getBounding())}))"""
 # resolves once the nodes' boxes stayed the same for 0.4 s (image previews grow their node when they arrive)
@@ -85,6 +90,9 @@ def _only_loopback(route):
 
 
 def _close_dialogs(page):
+    overlay = page.get_by_test_id("error-overlay-dismiss")
+    if overlay.count() and overlay.first.is_visible():
+        overlay.first.click(timeout=5000)
     for _ in range(5):
         dialogs = page.locator(DIALOG)
         if not dialogs.count():
@@ -119,7 +127,7 @@ def browser(server):
 
 def _open(page, path):
     """Open a workflow file as the user's Open / drop does and let it settle (image previews fetched and drawn);
-    returns (nodes as drawn, texts of the dialogs the frontend raised)."""
+    returns (nodes as drawn, texts of the dialogs and error overlays the frontend raised)."""
     _close_dialogs(page)
     with open(path, encoding="utf-8") as f:
         count = len(json.load(f)["nodes"])
@@ -129,7 +137,7 @@ def _open(page, path):
     _fit_view(page)  # every node on screen: the frontend sizes a node to its image preview when it draws it
     page.wait_for_load_state("networkidle")
     page.evaluate(SETTLE_JS)
-    return page.evaluate(GRAPH_JS), page.locator(DIALOG).all_inner_texts()
+    return page.evaluate(GRAPH_JS), page.locator(PROBLEMS).all_inner_texts()
 
 
 def _fit_view(page):
@@ -196,7 +204,13 @@ def test_missing_node_is_detected(browser, tmp_path):
     path = tmp_path / "missing_node_control.json"
     path.write_text(json.dumps(workflow), encoding="utf-8")
     nodes, dialogs = _open(page, str(path))
-    assert [n["id"] for n in nodes if not n["registered"] and n["has_errors"]] == [victim["id"]]
+    # node ids are numbers in frontend 1.32, strings in 1.49
+    assert [str(n["id"]) for n in nodes if not n["registered"] and n["has_errors"]] == [str(victim["id"])]
+    details = page.get_by_test_id("error-overlay-see-errors")
+    if details.count():  # frontend 1.49: the overlay's details name the node
+        details.first.click(timeout=5000)
+        page.locator(PROBLEMS, has_text="WanLeanNoSuchNode").first.wait_for(timeout=10_000)
+        dialogs = page.locator(PROBLEMS).all_inner_texts()
     assert any("missing" in d.lower() and "WanLeanNoSuchNode" in d for d in dialogs), dialogs
     _close_dialogs(page)
 
