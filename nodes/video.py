@@ -6,7 +6,7 @@ import av
 import numpy as np
 
 import folder_paths
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..wan_core.audio import aac_rate, from_comfy_audio
 from ..wan_core.checks import check_finite
@@ -98,8 +98,7 @@ class WanLeanSaveVideo(WanLeanNode):
             filename_prefix, out_dir, frames.shape[2], frames.shape[1])
         filename = f"{name}_{counter:05}_.mp4"
         write_mp4(os.path.join(folder, filename), frames, fps, crf, audio)
-        return io.NodeOutput(ui={"images": [{"filename": filename, "subfolder": subfolder, "type": "output"}],
-                                 "animated": (True,)})
+        return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(filename, subfolder, io.FolderType.output)]))
 
 
 NODES = [WanLeanSaveVideo]
