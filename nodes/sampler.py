@@ -11,6 +11,7 @@ from ..wan_core import cache
 from ..wan_core.checks import check_finite
 from ..wan_core.pipeline import (NOISE_MODES, Cond, Expert, check_video_size, generate, guided, latent_shape,
                                  spatial_stride)
+from ..wan_core.s2v import WanS2V
 from ..wan_core.sampling import SAMPLERS
 from .common import ACTIVATION_MARGIN, WanLeanNode, WanLeanModel, step_callback
 
@@ -196,6 +197,9 @@ def make_experts(models_cfgs, shape, cache_threshold=0.0, cache_interval=0):
 def checked_inputs(handles, positive, negative, width, height, length):
     """What every sampler node checks before sampling, in one order: the conditionings against the (first) model, the
     size and length, the experts' agreement, each model against its image conditioning. -> (cond, uncond, shape)."""
+    if any(isinstance(h.patcher.model, WanS2V) for h in handles):
+        raise ValueError("the model wired in is the Wan 2.2 S2V-14B model, which samples only with its audio and "
+                         "reference image: use Wan Speech To Video (it chains clips for long audio itself)")
     net = handles[0].patcher.model
     cond, uncond = (to_cond(c, n, net) for c, n in ((positive, "positive"), (negative, "negative")))
     check_video_size(width, height, length, 2 * spatial_stride(net.out_dim))

@@ -10,7 +10,7 @@ import psutil
 import pytest
 from safetensors.torch import load_file
 
-from comfy_host import Interrupted
+from comfy_host import ExecutionError, Interrupted
 from conftest import ROOT, assert_progress, scale_close
 from run_workflow import shrink
 from test_lora import smoke_loras  # noqa: F401  (a fixture: two LoRAs for the smoke T2V-1.3B)
@@ -147,3 +147,9 @@ def test_parallel_node_seed_mode_official(server, smoke_models):
     scale_close(out, reference, rel=1e-5)
     assert out.isfinite().all() and out.std() > 0
     server.free()
+
+
+def test_parallel_node_refuses_the_s2v_model(server):
+    api = t2v_latent_api(server, None, parallel=True, model=("wan2.2_s2v_14B_bf16.safetensors", "default"))
+    with pytest.raises(ExecutionError, match="S2V-14B model, which samples only with its audio"):
+        server.run(api)
