@@ -15,6 +15,10 @@ the JSON is rewritten after every part, so a run cut short keeps what it measure
   a14b       a 4-step cfg-1 Wan 2.2 A14B-width run (two experts of dim 5120, boundary 0.875, 832x480x81) on a few
              layers per expert: DiT calls, s/step, peak VRAM (the 40-layer figure is a stated extrapolation)
   vae        the real Wan 2.1 VAE decode (untiled and tiled) and encode at 832x480x81, ours vs native
+  dynamic-vram  under dynamic VRAM (comfy-aimdo, ComfyUI's NVIDIA default since 0.30; the newest host of
+             scripts/comfy_host.HOSTS, .host/ComfyUI-0.33.0, with comfy-aimdo importable): the real-width 1.3B as the
+             pack loads it (plain ModelPatcher) beside ComfyUI's native one (its dynamic patcher), in turns: load and
+             run seconds, torch / device / aimdo VRAM, what stays resident (bench/dynamic_vram.py, own process)
 """
 import argparse
 import json
@@ -30,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import CONFIGS, _add_flops, time_case  # noqa: E402
 from cases import dit_model, tokens  # noqa: E402
 from common import ROOT, peak_probe, timed  # noqa: E402
+from comfy_host import HOSTS, select_host  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets; MFU divides by these.
 PEAK_BF16 = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 NVL": 835.0, "H100 PCIe": 756.0,
@@ -181,6 +186,40 @@ def part_vae(cfg):
     return out
 
 
+def part_dynamic_vram(out_dir, toy):
+    """bench/dynamic_vram.py in its own process (aimdo must start before torch does) on the newest host of HOSTS, with
+    that host's venv where it exists, else this interpreter (bench/gpu_check.sh puts comfy-aimdo on its path)."""
+    tree, python = select_host(list(HOSTS)[-1])
+    if not os.path.isfile(os.path.join(tree, "main.py")):
+        return dict(skipped=f"no ComfyUI host with dynamic VRAM at {tree} (bash scripts/setup-host.sh, or carry it)")
+    python = python if os.path.isfile(python) else sys.executable
+    out = os.path.join(out_dir, "dynamic_vram.json")
+    cmd = [python, os.path.join("bench", "dynamic_vram.py"), "--out", out] + (["--cpu"] if toy else [])
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, WANLEAN_HOST=tree), capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        return dict(skipped=f"failed: {proc.stderr.strip()[-400:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+def _dynamic_lines(d):
+    """The dynamic-vram part in words: per turn load / run seconds and VRAM, what stays resident."""
+    if not d or "skipped" in d:
+        return []
+    lines = ["", f"Dynamic VRAM (comfy-aimdo), DiT {d['model']}, {d['tokens']:,} tokens, weights {_gib(d['weights_bytes'])} "
+                 f"GiB each; native behind {d['patchers']['native']}, ours behind {d['patchers']['ours']}; "
+                 f"ours vs native max diff/scale {d['rel_diff']:.1e}:", "",
+             "| turn | load s | run s | torch peak GiB | device used GiB | aimdo GiB | resident after (GiB on device) |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("native", "ours", "native_again"):
+        t, after = d[name], d[name]["after"]
+        resident = ", ".join(f"{k} {_gib(v)}" for k, v in after["resident"].items()) or "-"
+        lines.append(f"| {name} | {t['load_seconds']:.2f} | {t['run_seconds']:.2f} | {_gib(t['torch_peak'])} | "
+                     f"{_gib(after.get('device_used'))} | {_gib(after.get('aimdo_usage'))} | {resident} |")
+    return lines
+
+
 def _gib(b):
     return f"{b / 2**30:.1f}" if b else "-"
 
@@ -240,6 +279,7 @@ def markdown(report):
             for impl, r in impls.items():
                 lines.append(f"| {case} | {impl} | {r['seconds']:.2f} | {r['seconds'] / impls['native']['seconds']:.2f} "
                              f"| {_gib(r.get('work_bytes'))} | {r['rel_diff']:.1e} |")
+    lines += _dynamic_lines(report["parts"].get("dynamic-vram"))
     tests = report["parts"].get("tests", {}).get("tests", {})
     if tests:
         lines += ["", "CUDA tests: " + "; ".join(f"{k} {v['outcome']}" + (f" ({v['detail'][:80]})"
@@ -253,7 +293,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
     ap.add_argument("--cpu", action="store_true", help="check the script itself: every part at toy sizes on the CPU")
     ap.add_argument("--budget", type=float, default=420, help="seconds for all parts (the rest are skipped)")
-    ap.add_argument("--parts", default="device,1.3b,14b-block,a14b,kernels,tests,vae")
+    ap.add_argument("--parts", default="device,1.3b,14b-block,a14b,kernels,tests,vae,dynamic-vram")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not args.cpu and not torch.cuda.is_available():
@@ -269,6 +309,7 @@ def main():
         "14b-block": (30, lambda: bench_dit(dict(_TOY, **dev) if toy else _14B_BLOCK, ("dit_t2v",))),
         "a14b": (40, lambda: part_a14b(dict(_TOY, **dev) if toy else _A14B)),
         "vae": (120, lambda: part_vae(dict(_TOY, **dev) if toy else _VAE)),
+        "dynamic-vram": (60, lambda: part_dynamic_vram(args.out, toy)),
     }
     report = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), mode="cpu-check" if toy else "cuda", parts={},
                   shapes={k: _shape(_TOY if toy else c) for k, c in (("1.3b", _1_3B), ("14b-block", _14B_BLOCK),

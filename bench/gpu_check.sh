@@ -33,5 +33,14 @@ pip_get() {  # into extras; from .whl/ when it exists (a machine without a netwo
 "$py" -c "import flash_attn" 2>/dev/null || pip_get --only-binary=:all: flash-attn 2>/dev/null \
   || echo "gpu_check: flash-attn has no wheel for this machine on the registry: its test is skipped"
 bash scripts/fetch-host.sh "$py"
+# The dynamic-vram part runs on the newer host (.host/ComfyUI-0.33.0: scripts/setup-host.sh, or carried here) with
+# its comfy-aimdo and comfy-kitchen pins; without them that part records why it was skipped
+dyn="$root/.host/ComfyUI-0.33.0"
+if [ -f "$dyn/requirements.txt" ]; then
+  for pkg in comfy-aimdo comfy-kitchen; do
+    pin="$(grep -E "^$pkg==" "$dyn/requirements.txt" || echo "$pkg")"
+    "$py" -c "import ${pkg//-/_}" 2>/dev/null || pip_get "$pin" || echo "gpu_check: $pkg not installed"
+  done
+fi
 export PYTHONUNBUFFERED=1
 exec "$py" bench/gpu_check.py --out "$out" "$@"

@@ -47,13 +47,14 @@ def check_tensors(tensors, what, cause=INPUT_CAUSE):
     return tensors
 
 
-def check_weights(model, sd, what):
-    """Before a state dict is loaded into `model` (built on the meta device from the file's own shapes): every tensor
-    the model has must be a float (fp32/fp16/bf16/fp8) of the model's shape. A ValueError names up to 3 offenders and
-    what to do instead of torch's load_state_dict dump (int8/bool files, files mixing two models or damaged ones).
-    Entries that are not tensors (GGUF blocks: their layers check them) are left alone."""
+def check_weights(expected, sd, what):
+    """Before a state dict is loaded: every tensor of `expected` ({key: tensor}, a model's declared tensors, e.g. on
+    the meta device: wan_core.keys.build_on_meta) that `sd` holds must be a float (fp32/fp16/bf16/fp8) of the expected
+    shape. A ValueError names up to 3 offenders and what to do instead of torch's load_state_dict dump (int8/bool
+    files, files mixing two models or damaged ones). Entries that are not tensors (GGUF blocks: their layers check
+    them) are left alone."""
     wrong_type, wrong_shape, total = [], [], 0
-    for key, want in model.state_dict().items():
+    for key, want in expected.items():
         have = sd.get(key)
         if not isinstance(have, torch.Tensor) or not isinstance(want, torch.Tensor):
             continue

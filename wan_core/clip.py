@@ -137,9 +137,7 @@ class WanCLIPVision(nn.Module):
         (ops=None) they are made float32."""
         sd = to_internal(sd)
         config = infer_config(sd)
-        with torch.device("meta"):
-            model = cls(**config, heads=heads or HEADS, ops=ops)
-        return assign_weights(model, sd, ops, "CLIP vision", FILES)
+        return assign_weights(lambda o: cls(**config, heads=heads or HEADS, ops=o), sd, ops, "CLIP vision", FILES)
 
 
 # ---------------------------------------------------------------- state dict layouts

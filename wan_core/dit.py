@@ -17,6 +17,7 @@ from . import sp_hooks
 from .attention import attention, use_backend
 from .cache import block0_signal
 from .checks import check_weights
+from .keys import build_on_meta
 
 HEAD_DIM = 128  # every official Wan model uses 128-wide heads
 TEXT_ROWS = 64  # embedded text rows are kept in multiples of this (one compiled block shape per multiple)
@@ -367,10 +368,9 @@ class WanDiT(nn.Module):
         """Build on the meta device and adopt the tensors of `sd` (no second copy); dtype converts them."""
         cls.check_state_dict(sd)
         cfg = cls.config_from_state_dict(sd)
-        with torch.device("meta"):
-            model = cls(**cfg, ops=ops)
+        model, expected = build_on_meta(lambda o: cls(**cfg, ops=o), ops)
         model.variant_name = cls.variant(cfg)
-        check_weights(model, sd, f"{model.variant_name} weights")
+        check_weights(expected, sd, f"{model.variant_name} weights")
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

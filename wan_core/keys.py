@@ -1,5 +1,7 @@
 """State-dict keys: which kind of model a dict holds (marker keys), key prefixes, and adopting tensors into a model
 built on the meta device. Below the models (they use it to load their weights) and the file readers (checkpoint)."""
+import torch
+
 from .checks import check_weights
 
 # marker key (without prefix) -> what a file holding it is
@@ -47,11 +49,29 @@ def describe(sd):
     return f"no known model ({len(sd)} tensors, e.g. {sample or 'none'})"
 
 
-def assign_weights(model, sd, ops, what, hint):
-    """Load `sd` into a meta-device `model` by assignment (no copy): every key the model has must be there
-    (ValueError naming up to 5 missing, `what` and `hint` otherwise); extras are ignored. Without casting ops
-    (ops None: plain torch.nn) the tensors become float32. Returns the model in eval mode, no grads."""
-    wanted = model.state_dict().keys()
+def build_on_meta(make, ops):
+    """(make(ops), expected), built on the meta device: the model, and {key: meta tensor} of every tensor it must
+    load. A layer class of `ops` may hold no tensors until a state dict is loaded (ComfyUI's dynamic-VRAM ops build
+    Linear layers with weight and bias None; its mixed-precision Linear has no weight), and the model's own
+    state_dict() leaves those out: a plain torch.nn build of the same config (make(None)) supplies them. Where the
+    ops model does declare a tensor (an fp8 scale, a GGUF layer's weight), its own declaration counts. Building on
+    meta costs no memory and milliseconds."""
+    with torch.device("meta"):
+        model = make(ops)
+        if ops is None:
+            return model, model.state_dict()
+        expected = make(None).state_dict()
+    expected.update(model.state_dict())
+    return model, expected
+
+
+def assign_weights(make, sd, ops, what, hint):
+    """Build make(ops) on the meta device and load `sd` into it by assignment (no copy): every key the model declares
+    (build_on_meta) must be there (ValueError naming up to 5 missing, `what` and `hint` otherwise); extras are
+    ignored. Without casting ops (ops None: plain torch.nn) the tensors become float32. Returns the model in eval
+    mode, no grads."""
+    model, expected = build_on_meta(make, ops)
+    wanted = expected.keys()
     scaled = [k for k in sd if k.endswith((".scale_weight", ".weight_scale")) or k.endswith("scaled_fp8")]
     if scaled:
         raise ValueError(f"this {what} file is scaled fp8 ({scaled[0]}), which this loader does not read: {hint}")
@@ -59,6 +79,6 @@ def assign_weights(model, sd, ops, what, hint):
     if missing:
         more = " ..." if len(missing) > 5 else ""
         raise ValueError(f"incomplete {what} state dict: missing {missing[:5]}{more}; {hint}")
-    check_weights(model, sd, f"{what} weights")
+    check_weights(expected, sd, f"{what} weights")
     model.load_state_dict({k: sd[k] if ops is not None else sd[k].float() for k in wanted}, strict=True, assign=True)
     return model.eval().requires_grad_(False)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_weights
-from .keys import prefix_of, strip_prefix
+from .keys import build_on_meta, prefix_of, strip_prefix
 
 EPS = 1e-6
 MAX_DISTANCE = 128
@@ -152,9 +152,8 @@ class UMT5Encoder(torch.nn.Module):
         config = infer_config(sd)
         if ops is None:
             sd = {k: v.float() for k, v in sd.items()}
-        with torch.device("meta"):
-            model = cls(**config, ops=ops)
-        check_weights(model, sd, "umT5 text encoder weights")
+        model, expected = build_on_meta(lambda o: cls(**config, ops=o), ops)
+        check_weights(expected, sd, "umT5 text encoder weights")
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
         missing = [k for k in missing if k.endswith(".weight")]
         if missing:

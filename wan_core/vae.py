@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .checks import check_weights, nearest_valid
+from .keys import build_on_meta
 
 WAN21_LATENT_MEAN = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -365,10 +366,9 @@ class _WanVAE(nn.Module):
     @classmethod
     def _assign(cls, sd, ops, *args):
         """cls(*args) built on the meta device, sd checked key by key and assigned; eval mode."""
-        with torch.device("meta"):
-            model = cls(*args, ops=ops)
-        _check_keys(model.state_dict(), sd, cls.FAMILY)
-        check_weights(model, sd, f"{cls.FAMILY} weights")
+        model, expected = build_on_meta(lambda o: cls(*args, ops=o), ops)
+        _check_keys(expected, sd, cls.FAMILY)
+        check_weights(expected, sd, f"{cls.FAMILY} weights")
         model.load_state_dict(sd, strict=True, assign=True)
         return model.eval()
 

@@ -186,9 +186,7 @@ class Wav2Vec2(nn.Module):
         with plain torch.nn (ops=None) they are made float32."""
         sd = to_internal(sd)
         config = infer_config(sd)
-        with torch.device("meta"):
-            model = cls(**config, heads=heads, ops=ops)
-        return assign_weights(model, sd, ops, "wav2vec2", FILES)
+        return assign_weights(lambda o: cls(**config, heads=heads, ops=o), sd, ops, "wav2vec2", FILES)
 
 
 # ---------------------------------------------------------------- state dict layouts
