@@ -109,3 +109,22 @@ def test_cfg_above_1_batches_the_negative_pass():
         generate([Expert(lambda: model, cfg=cfg)], Cond(text()), Cond(text()), seed=0, steps=2, shift=5.0,
                  sampler="lcm-distilled", width=32, height=32, length=1)
         assert [b for _, b, _ in log] == [batch, batch], cfg
+
+
+@pytest.mark.parametrize("mode", ["comfy", "official"])
+def test_lcm_distilled_renoises_with_the_initial_noises_generator(mode):
+    """LightX2V's Wan 2.1 step-distill step re-noises with fresh draws of the generator that drew the initial noise
+    (official: torch.Generator(device) seeded with the seed; comfy: ComfyUI's CPU generator), never the initial noise
+    again. A model predicting v = 0 makes the 2-step result (1 - s1) * n0 + s1 * n1, n0 and n1 the generator's first
+    two draws."""
+    model = tiny(0)
+    with torch.no_grad():
+        model.head.head.weight.zero_()
+        model.head.head.bias.zero_()
+    out = generate([Expert(lambda: model, cfg=1.0)], Cond(text()), Cond(text()), seed=5, steps=2, shift=5.0,
+                   sampler="lcm-distilled", width=32, height=32, length=5, noise_mode=mode)
+    g = torch.Generator("cpu").manual_seed(5)
+    n0, n1 = torch.randn(out.shape, generator=g), torch.randn(out.shape, generator=g)
+    s1 = schedule("lcm-distilled", 2, 5.0)[0][1].item()
+    assert 0 < s1 < 1 and not torch.equal(n0, n1)
+    assert (out - ((1 - s1) * n0 + s1 * n1)).abs().max() < 1e-6

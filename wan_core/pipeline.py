@@ -41,22 +41,28 @@ def guided(cfg):
     return abs(cfg - 1.0) > 1e-6
 
 
+def noise_generator(mode, device):
+    """The generator initial_noise draws on, which lcm-distilled then goes on drawing from: a CPU one for comfy,
+    one on `device` for official."""
+    return torch.Generator("cpu" if mode == "comfy" else device)
+
+
 def initial_noise(shape, seed, mode="comfy", device="cpu", dtype=torch.float32, generator=None):
     """Seeded Gaussian noise [shape] float32 on `device`; any integer seed, taken mod 2^64.
 
-    comfy: drawn by a CPU generator in float32 (ComfyUI's convention: the same numbers on every device); pass
-    `generator` (a CPU torch.Generator) to keep drawing from it afterwards (lcm-distilled's fresh noise).
+    comfy: drawn by a CPU generator in float32 (ComfyUI's convention: the same numbers on every device).
     official: drawn as the official generate() draws it: torch.Generator(device) seeded with `seed`, torch.randn
     on that device in `dtype` (float32 for T2V / I2V / FLF2V / TI2V / A14B; S2V: bfloat16, seeded seed + clip per
-    clip), the same element count in the same order (the official tensor lacks the batch axis); then float32."""
+    clip), the same element count in the same order (the official tensor lacks the batch axis); then float32.
+    `generator`: that generator (a CPU one for comfy, one on `device` for official), seeded here, to keep drawing
+    from afterwards (lcm-distilled's fresh noise: LightX2V draws it from the generator of the initial noise)."""
     if mode not in NOISE_MODES:
         raise ValueError(f"seed_mode must be one of {', '.join(NOISE_MODES)}, got {mode!r}")
     seed = int(seed) % SEED_SPACE
+    generator = (generator or noise_generator(mode, device)).manual_seed(seed)
     if mode == "comfy":
-        g = (generator if generator is not None else torch.Generator("cpu")).manual_seed(seed)
-        return torch.randn(shape, generator=g, dtype=torch.float32).to(device)
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype, device=device).float()
+        return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+    return torch.randn(shape, generator=generator, dtype=dtype, device=device).float()
 
 
 def pad_context(ctx, length=512):
@@ -159,7 +165,7 @@ def generate(experts, cond, uncond, *, seed, steps, shift, sampler, width, heigh
     """Sample a normalised video latent [1, C, 1+(length-1)/4, height/s, width/s] (s = VAE stride);
     noise_mode: see initial_noise."""
     check_video_size(width, height, length, 2 * spatial_stride(channels))
-    generator = torch.Generator("cpu").manual_seed(int(seed) % SEED_SPACE)  # lcm-distilled's fresh noise
+    generator = noise_generator(noise_mode, device)
     x = initial_noise(latent_shape(width, height, length, channels), seed, noise_mode, device, generator=generator)
     denoise = make_denoiser(experts, cond, uncond, dtype)
     with torch.no_grad():

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .conditioning import fit, official_s2v_pixels
-from .pipeline import SEED_SPACE, guided, initial_noise, pad_context
+from .pipeline import guided, initial_noise, noise_generator, pad_context
 from .sampling import sample
 
 CLIP_FRAMES = 80    # pixel frames per clip (infer_frames)
@@ -95,7 +95,7 @@ def generate_s2v(get_model: Callable, vae, job: S2VJob, *, clips, seed, steps, c
         motion = None if clip == 0 else vae.encode(history.to(device))
         if on_clip:
             on_clip(clip, clips, motion)
-        generator = torch.Generator("cpu").manual_seed(int(seed + clip) % SEED_SPACE)
+        generator = noise_generator(noise_mode, device)
         noise = initial_noise((1, 16, LATENTS_PER_CLIP, h, w), seed + clip, noise_mode, device, torch.bfloat16,
                               generator=generator)
         denoise = s2v_denoiser(get_model(), job, clip, motion, cfg, dtype)

@@ -113,7 +113,8 @@ class _Euler:
 
 class _Renoise:
     """lightx2v's Wan 2.1 step-distill step: jump to the x0 estimate, then noise it afresh to the next sigma,
-    (1 - sigma_next) * x0 + sigma_next * n with n ~ N(0, 1) from `generator` (CPU); the last step returns x0."""
+    (1 - sigma_next) * x0 + sigma_next * n with n ~ N(0, 1) drawn on `generator`'s device (LightX2V: the generator
+    that drew the initial noise, going on); the last step returns x0."""
 
     def __init__(self, sigmas, generator):
         self.sigmas, self.generator = sigmas, generator
@@ -122,7 +123,8 @@ class _Renoise:
         t = self.sigmas[i + 1]
         if t <= 0.0:
             return x0
-        n = torch.randn(x.shape, generator=self.generator, dtype=torch.float32).to(x.device)
+        n = torch.randn(x.shape, generator=self.generator, dtype=torch.float32, device=self.generator.device)
+        n = n.to(x.device)
         return (1.0 - t) * x0 + t * n
 
 
