@@ -40,8 +40,11 @@ def installed_hosts():
 
 def select_host(name=None):
     """(ComfyUI folder, python) of the host named by `name` or $WANLEAN_HOST: a version of HOSTS, or the path of a
-    ComfyUI folder (then $WANLEAN_HOST_PYTHON or this interpreter runs it). Unset: the newest installed host."""
-    name = name or os.environ.get("WANLEAN_HOST") or (installed_hosts() or ["0.3.75"])[-1]
+    ComfyUI folder (then $WANLEAN_HOST_PYTHON or this interpreter runs it). Unset: the host whose venv runs this
+    interpreter, else the newest installed host."""
+    own = [v for v, (_, venv) in HOSTS.items() if os.path.realpath(sys.prefix) == os.path.realpath(
+        os.path.join(REPO_ROOT, venv))]
+    name = name or os.environ.get("WANLEAN_HOST") or (own or installed_hosts() or ["0.3.75"])[-1]
     if name in HOSTS:
         tree, venv = HOSTS[name]
         return os.path.join(REPO_ROOT, tree), os.path.join(REPO_ROOT, venv, "bin", "python")
@@ -472,3 +475,13 @@ def _signal_group(pid, sig):
         os.killpg(pid, sig)
     except ProcessLookupError:
         pass
+
+
+if __name__ == "__main__":  # for the shell scripts: `hosts` (installed, newest first), `python [VERSION]`
+    if sys.argv[1:2] == ["hosts"]:
+        print(" ".join(reversed(installed_hosts())))
+    elif sys.argv[1:2] == ["python"]:
+        print(select_host(sys.argv[2] if len(sys.argv) > 2 else os.environ.get("WANLEAN_HOST")
+                          or installed_hosts()[-1])[1])
+    else:
+        sys.exit("usage: comfy_host.py hosts | python [VERSION]")

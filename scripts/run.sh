@@ -13,5 +13,5 @@ for a in "$@"; do
   if [ "$a" = "--comfyui" ]; then exec "${PYTHON:-python3}" scripts/run_workflow.py "$wf" "$@"; fi
 done
 bash "$root/scripts/setup.sh"
-py="$(.venv/bin/python -c 'import sys; sys.path.insert(0, "scripts"); import comfy_host; print(comfy_host.host_python())')"
+py="$(.venv/bin/python scripts/comfy_host.py python)"   # $WANLEAN_HOST's, else the newest host's
 exec "$py" scripts/run_workflow.py "$wf" "$@"

@@ -8,16 +8,14 @@ bash "$root/scripts/setup.sh"
 bash "$root/scripts/setup-browser.sh" >/dev/null   # Chromium + Playwright for tests/test_frontend.py
 bash "$root/scripts/setup-audio.sh"                # espeak-ng for the real-speech tests
 cd "$root"
-hosts="${WANLEAN_HOST:-$(.venv/bin/python -c 'import sys; sys.path.insert(0, "scripts"); import comfy_host
-print(" ".join(reversed(comfy_host.installed_hosts())))')}"
+hosts="${WANLEAN_HOST:-$(.venv/bin/python scripts/comfy_host.py hosts)}"
 case " $hosts " in
   *" 0.33.0 "*) ;;
   *) echo "ComfyUI 0.33.0 is not set up (../shared/hosts is absent): testing on ComfyUI $hosts only" ;;
 esac
 rc=0
 for v in $hosts; do
-  py="$(.venv/bin/python -c "import sys; sys.path.insert(0, 'scripts'); import comfy_host
-print(comfy_host.select_host('$v')[1])")"
+  py="$(.venv/bin/python scripts/comfy_host.py python "$v")"
   echo "=== tests on ComfyUI $v ==="
   WANLEAN_HOST="$v" "$py" -m pytest -q "$@" || rc=$?
 done
