@@ -209,21 +209,14 @@ def test_prepare_normalises_as_hf_feature_extractor():
     scale_close(prepare(x, 16000), ref[0], rel=1e-6)
 
 
-def librosa_resample(rows, sr):
-    """librosa.resample(rows, orig_sr=sr, target_sr=16000) (res_type "soxr_hq", fix=True), as librosa's source writes
-    it: soxr.resample along the last axis, then fix_length to int(ceil(N * 16000 / sr)) (cut, or zero-padded)."""
-    import soxr
-    size = int(np.ceil(rows.shape[-1] * (16000.0 / sr)))
-    out = np.apply_along_axis(soxr.resample, -1, rows, in_rate=sr, out_rate=16000, quality="soxr_hq")
-    out = out[..., :size]
-    return np.pad(out, [(0, 0)] * (out.ndim - 1) + [(0, size - out.shape[-1])]).astype(rows.dtype)
-
-
 @pytest.mark.parametrize("sr", [8000, 22050, 32000, 44100, 48000, 96000])
 @pytest.mark.parametrize("channels", [1, 2])
-def test_resample_and_prepare_equal_librosa_soxr_hq(sr, channels):
-    """The 16 kHz waveform is soxr HQ's, bit for bit (each channel), and prepare() is librosa.load(sr=16000)'s mono
-    mix + soxr + HF's normalisation (the official extract_audio_feat) within 1e-6 of the scale."""
+def test_resample_and_prepare_equal_librosa(sr, channels, tmp_path):
+    """The 16 kHz waveform is librosa.resample's (soxr HQ), bit for bit per channel; a file read as the official code
+    reads it, librosa.load(path, sr=16000) (mono mix, then soxr HQ), equals load_audio + mono + resample bit for bit,
+    and prepare() is that + HF's normalisation (the official extract_audio_feat) within 1e-6 of the scale."""
+    import librosa
+    import soundfile
     from transformers import Wav2Vec2FeatureExtractor
     g = torch.Generator().manual_seed(sr + channels)
     n = int(sr * 0.7) + 13
@@ -231,13 +224,18 @@ def test_resample_and_prepare_equal_librosa_soxr_hq(sr, channels):
     x = torch.stack([(0.4 * torch.sin(2 * math.pi * (300 + 150 * c) * t * (1 + t))).float()
                      + 0.05 * torch.randn(n, generator=g) for c in range(channels)])
     mine = resample(x, sr, 16000)
-    ref = librosa_resample(x.numpy(), sr)
+    ref = librosa.resample(x.numpy(), orig_sr=sr, target_sr=16000, res_type="soxr_hq")
     assert mine.shape == ref.shape == (channels, math.ceil(n * 16000 / sr)) and mine.abs().max() > 0.1
     assert torch.equal(mine, torch.from_numpy(ref))
-    mono = x.numpy().mean(axis=0)  # librosa.to_mono, float32
-    official = Wav2Vec2FeatureExtractor(do_normalize=True)(librosa_resample(mono, sr), sampling_rate=16000,
+    path = str(tmp_path / "x.wav")
+    soundfile.write(path, x.numpy().T, sr, subtype="FLOAT")
+    loaded, rate = librosa.load(path, sr=16000)
+    wave, file_rate = load_audio(path)
+    assert rate == 16000 and file_rate == sr
+    assert torch.equal(resample(wave.mean(dim=0), file_rate, 16000), torch.from_numpy(loaded))
+    official = Wav2Vec2FeatureExtractor(do_normalize=True)(loaded, sampling_rate=16000,
                                                            return_tensors="pt").input_values[0]
-    scale_close(prepare(x, sr), official, rel=1e-6)
+    scale_close(prepare(wave, file_rate), official, rel=1e-6)
     assert resample(torch.zeros(n), sr, 16000).shape == (math.ceil(n * 16000 / sr),)
 
 
