@@ -128,3 +128,20 @@ def test_lcm_distilled_renoises_with_the_initial_noises_generator(mode):
     s1 = schedule("lcm-distilled", 2, 5.0)[0][1].item()
     assert 0 < s1 < 1 and not torch.equal(n0, n1)
     assert (out - ((1 - s1) * n0 + s1 * n1)).abs().max() < 1e-6
+
+
+def test_text_rows_are_counted_once_per_prompt(monkeypatch):
+    """Counting the text rows the DiT embeds reads a result on the host (a device sync on a GPU): once per sampling
+    call, not once per step (the denoiser hands the model the same context tensor at every step)."""
+    calls = []
+    real = torch.Tensor.nonzero
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    model = tiny(0)
+    out = generate([Expert(lambda: model, cfg=2.0)], Cond(text()), Cond(text()), seed=1, steps=3, shift=5.0,
+                   sampler="euler", width=32, height=32, length=1)
+    assert torch.isfinite(out).all() and len(calls) == 1
+    changed = text()
+    model(out, torch.tensor([500.0]), changed[None])
+    changed[0] += 1  # an in-place change is counted again
+    model(out, torch.tensor([500.0]), changed[None])
+    assert len(calls) == 3

@@ -227,6 +227,19 @@ def is_s2v_state_dict(sd):
     return any(k.startswith(("casual_audio_encoder.", "audio_injector.")) for k in sd)
 
 
+def text_rows_used(context):
+    """1 + the index of the last row of context [B, L, D] that is not all zero in some batch item (at least 1).
+    Counting reads the result on the host (a device sync), so the count is kept on the tensor (the samplers pass the
+    same one at every step) and redone only if the tensor was modified in place since (inference-mode tensors keep
+    no version counter: theirs is counted once)."""
+    version = -1 if context.is_inference() else context._version
+    seen = getattr(context, "_wan_rows_used", None)
+    if seen is None or seen[0] != version:
+        used = context.ne(0).any(-1).any(0).nonzero()
+        seen = context._wan_rows_used = version, (int(used.max()) + 1 if used.numel() else 1)
+    return seen[1]
+
+
 class WanDiT(nn.Module):
     """The Wan DiT for every non-audio variant, chosen by config (read from the weights):
     T2V (in 16), I2V/FLF2V (in 36 + CLIP image branch; FLF2V with a 514-token position table),
@@ -272,9 +285,7 @@ class WanDiT(nn.Module):
         of them; every zero slot embeds to the same key and value, so the rows past the last non-zero one (rounded
         up to TEXT_ROWS) are embedded once, as one token counted `pads` times: the same attention, less work."""
         slots = max(self.text_len, context.shape[1])
-        used = context.ne(0).any(-1).any(0).nonzero()
-        last = int(used.max()) + 1 if used.numel() else 1
-        keep = min(slots, math.ceil(last / TEXT_ROWS) * TEXT_ROWS)
+        keep = min(slots, math.ceil(text_rows_used(context) / TEXT_ROWS) * TEXT_ROWS)
         pads = slots - keep
         rows = F.pad(context[:, :keep], (0, 0, 0, keep + (pads > 0) - min(keep, context.shape[1])))
         return Text(self.text_embedding(rows), pads)

@@ -142,9 +142,11 @@ def make_denoiser(experts, cond, uncond, dtype):
             current.update(expert=expert, model=expert.get())
         both = guided(expert.cfg)
         xin, tin = _model_inputs(x, t, cond, both)
-        ctx = torch.cat([pad_context(cond.context), pad_context(uncond.context)]) if both else pad_context(cond.context)
+        if (both, x.device) not in current:  # built once: the model counts its text rows once per context tensor
+            ctx = torch.cat([pad_context(cond.context), pad_context(uncond.context)]) if both else pad_context(cond.context)
+            current[both, x.device] = ctx.to(x.device, dtype)
         extra = {} if expert.cache is None else {"cache": expert.cache}
-        v = current["model"](xin.to(dtype), tin, ctx.to(x.device, dtype),
+        v = current["model"](xin.to(dtype), tin, current[both, x.device],
                              clip=_cat(cond.clip, uncond.clip, both), y=_cat(cond.y, uncond.y, both), **extra).float()
         if both:
             c, u = v.chunk(2)
