@@ -13,6 +13,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from ..wan_core.pipeline import preview_frame
+from .inputs import checking_first, refusal
 
 CATEGORY = "Wan Lean"
 # The pack's own socket types: handles of core models that native types cannot carry
@@ -74,8 +75,18 @@ class Handle:
 class WanLeanNode(io.ComfyNode):
     """Base of the pack's V3 nodes: `schema` builds the declaration, `node_id` reads the node's id for progress bars
     and previews from the hidden inputs ComfyUI hands the node (None when the node is called outside ComfyUI's
-    executor, e.g. in-process tests)."""
+    executor, e.g. in-process tests). Every node's execute first checks the values it is given against its schema
+    (combo options, number ranges, upload files inside their folder: nodes/inputs.py), on every host."""
     hidden = io.HiddenHolder.from_dict({})
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        checking_first(cls)
+
+    @classmethod
+    def input_refusal(cls, **values):
+        """The message refusing one of these input values (None: all taken), for a node's validate_inputs hook."""
+        return refusal(cls.define_schema(), values)
 
     @classmethod
     def schema(cls, node_id, display_name, description, inputs, outputs=(), progress=False, output_node=False):

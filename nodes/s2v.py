@@ -23,6 +23,7 @@ from ..wan_core.wav2vec2 import Wav2Vec2
 from .common import (Handle, WanLeanAudioEncoder, WanLeanModel, WanLeanNode, WanLeanVAE, casting_ops,
                      clips_step_callback)
 from .decode import decode_memory, encode_memory
+from .inputs import resolve_file
 from .sampler import (activation_memory, cond_inputs, passes, sampler_input, seed_input, seed_mode_input, shift_input,
                       steps_input, to_cond)
 
@@ -70,13 +71,23 @@ class WanLeanLoadAudio(WanLeanNode):
         ], [io.Audio.Output(display_name="audio")])
 
     @classmethod
+    def validate_inputs(cls, audio_file=None):
+        """At /prompt, on every host: a name outside the input folder is refused before the graph runs. Naming the
+        input here also makes newer hosts skip their own options check of it, so names ComfyUI's upload gives
+        ("sub/x.wav", "x.wav [input]") pass as in 0.3.75. None: the name arrives over a link (execute checks it)."""
+        return cls.input_refusal(audio_file=audio_file) or True
+
+    @classmethod
     def fingerprint_inputs(cls, audio_file):
-        path = folder_paths.get_annotated_filepath(audio_file)
-        return file_fingerprint(path) if os.path.isfile(path) else audio_file
+        try:
+            path = resolve_file(audio_file)
+        except ValueError:  # execute refuses it; nothing outside the input folder is read, not even for a hash
+            return audio_file
+        return file_fingerprint(path)
 
     @classmethod
     def execute(cls, audio_file):
-        wave, rate = load_audio(folder_paths.get_annotated_filepath(audio_file))
+        wave, rate = load_audio(resolve_file(audio_file))
         return io.NodeOutput(to_comfy_audio(wave, rate))
 
 
