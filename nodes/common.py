@@ -1,4 +1,5 @@
 """Glue shared by the nodes: ComfyUI's memory manager, dtypes, progress, latent previews and interrupts."""
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -70,6 +71,17 @@ class Handle:
         Only this model is asked for, so models used one after the other (A14B experts) take turns."""
         mm.load_models_gpu([self.patcher], memory_required=memory_required)
         return self.patcher.model
+
+
+@contextlib.contextmanager
+def errors_named(node):
+    """Prefix the message of a ValueError raised inside with the node's name, keeping its class (the pack's
+    CheckpointError, NonFiniteError, ...) and traceback."""
+    try:
+        yield
+    except ValueError as e:
+        e.args = (f"{node}: {e.args[0] if e.args else e}",) + e.args[1:]
+        raise
 
 
 class WanLeanNode(io.ComfyNode):

@@ -9,14 +9,29 @@ from ..wan_core.conditioning import clip_tokens, fit, to_pixels
 from ..wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, generate_long
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from ..wan_core.s2v import WanS2V
-from .common import WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback
+from .common import WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback, errors_named
 from .conditioning import encode_prompts
 from .image import _tokens, clip_vision_inputs
 from .s2v import VAEOnDevice
-from .sampler import (cfg_input, check_experts, check_memory, cond_inputs, low_noise_inputs, make_experts,
-                      sampling_inputs, to_cond)
+from .sampler import (cfg_input, check_context, check_experts, check_memory, cond_inputs, low_noise_inputs,
+                      make_experts, passes, sampling_inputs, to_cond)
 
 NODE = "Wan Long Video"
+
+
+def check_images(net, start_image, end_image, clip_vision_start, clip_vision_end):
+    """The image inputs this model can use: end_image (and its CLIP encoding) on FLF2V-14B only, the CLIP encodings
+    with their images, the start image's CLIP encoding for Wan 2.1 I2V / FLF2V."""
+    img_emb = getattr(net, "img_emb", None)
+    if end_image is not None and getattr(img_emb, "emb_pos", None) is None:
+        raise ValueError(f"end_image is for Wan 2.1 FLF2V-14B only, and the model is {net.variant_name}: disconnect "
+                         "it (or load the FLF2V model)")
+    if clip_vision_end is not None and (clip_vision_start is None or end_image is None):
+        raise ValueError("clip_vision_end is connected without clip_vision_start and end_image: connect the CLIP "
+                         "encodings of both images and the end image (FLF2V), or disconnect it")
+    if img_emb is not None and clip_vision_start is None:
+        raise ValueError("this Wan 2.1 image-to-video model needs the start image's CLIP encoding: connect "
+                         "clip_vision_start (Wan CLIP Vision Encode of the start image)")
 
 
 def _video_inputs():
@@ -66,62 +81,49 @@ class WanLeanLongVideo(WanLeanNode):
     def execute(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                 clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
                 low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts=""):
-        try:
-            return io.NodeOutput(cls._generate(
-                model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length, clip_length,
-                overlap, start_image, end_image, clip_vision_start, clip_vision_end, low_noise_model, cfg_low_noise,
-                boundary, text_encoder, prompts, cls.node_id()))
-        except ValueError as e:
-            raise ValueError(f"{NODE}: {e}") from e
-
-    @classmethod
-    def _generate(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
-                  clip_length, overlap, start_image, end_image, clip_vision_start, clip_vision_end, low_noise_model,
-                  cfg_low_noise, boundary, text_encoder, prompts, node_id):
-        net = model.patcher.model
-        if isinstance(net, WanS2V):
-            raise ValueError("model is the S2V model: use Wan Speech To Video, which chains its clips itself")
-        kind, channels = conditioning_kind(net.in_dim, net.out_dim), net.out_dim
-        if vae.patcher.model.z_dim != channels:
-            raise ValueError(f"vae makes {vae.patcher.model.z_dim}-channel latents but the model {channels}: use the "
-                             "Wan 2.2 VAE for TI2V-5B, the Wan 2.1 VAE for every other model")
-        if getattr(net, "img_emb", None) is not None and clip_vision_start is None:
-            raise ValueError("this Wan 2.1 image-to-video model needs the start image's CLIP encoding: connect "
-                             "clip_vision_start (Wan CLIP Vision Encode of the start image)")
-        check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
-        clips = count_clips(length, clip_length, overlap)
-        plan = [(model, cfg, 0.0)] if low_noise_model is None else \
-            [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first
-        check_experts([h for h, *_ in plan])
-        shape = latent_shape(width, height, clip_length, channels)
-        check_memory(model, shape)
-        job = cls._job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width,
-                       height, clip_vision_start, clip_vision_end)
-        total = clip_length + (clips - 1) * (clip_length - overlap)
-        out = torch.empty(total, height, width, 3, dtype=torch.float32, device=mm.intermediate_device())
-        frames = generate_long(make_experts(plan, shape), VAEOnDevice(vae), job, clips=clips,
-                               clip_length=clip_length, overlap=overlap, seed=seed, steps=steps, shift=shift,
-                               sampler=sampler, width=width, height=height, channels=channels, device=model.device,
-                               dtype=model.dtype, callback=clips_step_callback(steps, clips, node_id, channels, model.device),
-                               on_clip=lambda *_: mm.throw_exception_if_processing_interrupted())
-        done = 0
-        for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
-            out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
-            done += chunk.shape[1]
-        return out
+        with errors_named(NODE):
+            net = model.patcher.model
+            if isinstance(net, WanS2V):
+                raise ValueError("model is the S2V model: use Wan Speech To Video, which chains its clips itself")
+            kind, channels = conditioning_kind(net.in_dim, net.out_dim), net.out_dim
+            if vae.patcher.model.z_dim != channels:
+                raise ValueError(f"vae makes {vae.patcher.model.z_dim}-channel latents but the model {channels}: use "
+                                 "the Wan 2.2 VAE for TI2V-5B, the Wan 2.1 VAE for every other model")
+            check_images(net, start_image, end_image, clip_vision_start, clip_vision_end)
+            check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
+            clips = count_clips(length, clip_length, overlap)
+            plan = [(model, cfg, 0.0)] if low_noise_model is None else \
+                [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first
+            check_experts([h for h, *_ in plan])
+            shape = latent_shape(width, height, clip_length, channels)
+            check_memory(model, shape, max(passes(g) for _, g, _ in plan))
+            job = cls._job(net, kind, positive, negative, clips, prompts, text_encoder, start_image, end_image,
+                           width, height, clip_vision_start, clip_vision_end)
+            total = clip_length + (clips - 1) * (clip_length - overlap)
+            out = torch.empty(total, height, width, 3, dtype=torch.float32, device=mm.intermediate_device())
+            callback = clips_step_callback(steps, clips, cls.node_id(), channels, model.device)
+            frames = generate_long(make_experts(plan, shape), VAEOnDevice(vae), job, clips=clips,
+                                   clip_length=clip_length, overlap=overlap, seed=seed, steps=steps, shift=shift,
+                                   sampler=sampler, width=width, height=height, channels=channels,
+                                   device=model.device, dtype=model.dtype, callback=callback,
+                                   on_clip=lambda *_: mm.throw_exception_if_processing_interrupted())
+            done = 0
+            for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
+                out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)
+                done += chunk.shape[1]
+            return io.NodeOutput(out)
 
     @staticmethod
-    def _job(kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width, height,
+    def _job(net, kind, positive, negative, clips, prompts, text_encoder, start_image, end_image, width, height,
              clip_vision_start, clip_vision_end):
-        """The clip-independent conditioning: text per clip, images at the video size, the CLIP anchor."""
-        cond, uncond = to_cond(positive, "positive"), to_cond(negative, "negative")
+        """The clip-independent conditioning: text per clip (of the model's text width), images at the video size,
+        the CLIP anchor."""
+        cond, uncond = to_cond(positive, "positive", net), to_cond(negative, "negative", net)
         if cond.y is not None or cond.first_frame is not None:
             raise ValueError("positive already carries image conditioning (Wan Image To Video): connect Wan Text "
                              "Encode directly and give the image to start_image")
         if kind == "image" and start_image is None:
             raise ValueError("this image-to-video model needs a start image: connect start_image")
-        if end_image is not None and kind != "image":
-            raise ValueError("end_image is for FLF2V only: disconnect it")
         lines = [line.strip() for line in prompts.splitlines() if line.strip()]
         contexts = [cond.context] * clips
         if lines:
@@ -131,6 +133,7 @@ class WanLeanLongVideo(WanLeanNode):
             unique = list(dict.fromkeys(per_clip))
             feats = [f for i in range(0, len(unique), 2) for f in encode_prompts(text_encoder, unique[i:i + 2])]
             contexts = [feats[unique.index(p)] for p in per_clip]
+            check_context(net, contexts[0], "prompts (text_encoder)")
         image = lambda img, name: None if img is None else fit(to_pixels(img, name), width, height)  # noqa: E731
         tokens = _tokens(clip_vision_start, "clip_vision_start")
         if tokens is not None:

@@ -41,6 +41,17 @@ def unlink_start(api):
     del api[node_id(api, L)]["inputs"]["start_image"]
 
 
+def long_end_image(api):
+    api[node_id(api, L)]["inputs"]["end_image"] = [node_id(api, "LoadImage"), 0]
+
+
+def long_clip_end_only(api):
+    api["905"] = {"class_type": "WanLeanCLIPVisionLoader", "inputs": {"clip_name": "clip_vision_h.safetensors"}}
+    api["906"] = {"class_type": "WanLeanCLIPVisionEncode",
+                  "inputs": {"clip_vision": ["905", 0], "image": [node_id(api, "LoadImage"), 0]}}
+    api[node_id(api, L)]["inputs"]["clip_vision_end"] = ["906", 0]
+
+
 def odd_frames(api):
     save = node_id(api, "WanLeanSaveVideo")
     api["901"] = {"class_type": "ImageScale", "inputs": {"image": api[save]["inputs"]["frames"], "upscale_method": "nearest-exact",
@@ -124,6 +135,12 @@ CASES = [
      "overlap 9 must be 1+4j frames and less than half of clip_length 13"),
     ("long-i2v-without-start-image", LONG_I, {f"{L}.length": 13, f"{L}.clip_length": 13}, unlink_start,
      "needs a start image: connect start_image"),
+    ("long-end-image-on-i2v", LONG_I, {f"{L}.length": 13, f"{L}.clip_length": 13}, long_end_image,
+     "Wan Long Video: end_image is for Wan 2.1 FLF2V-14B only, and the model is Wan 2.2 I2V-A14B"),
+    ("long-clip-end-without-start", LONG_I, {f"{L}.length": 13, f"{L}.clip_length": 13}, long_clip_end_only,
+     "clip_vision_end is connected without clip_vision_start and end_image"),
+    ("long-text-of-another-width", LONG_T, {f"{L}.length": 13, f"{L}.clip_length": 13, TE: "bad/umt5_narrow.safetensors"},
+     None, "Wan Long Video: positive conditioning has features 32 wide but this Wan model takes umT5-XXL"),
     # NaN/inf where it appears, not a black video (issue 13)
     ("nan-in-model", T2V, {M: "bad/dit_nan.safetensors"}, None, "prediction at step 1 of 1 holds"),
     ("nan-in-model-names-cause", T2V, {M: "bad/dit_nan.safetensors"}, None, "model file is " + DAMAGED),
