@@ -114,6 +114,7 @@ def link_pack(pack_dir, host_dir=HOST_DIR, name=PACK_LINK):
     if os.path.exists(link) and not os.path.islink(link):
         raise HostError(f"{link} exists and is not a symlink; remove it")
     tmp = f"{link}.{os.getpid()}.tmp"
+    os.makedirs(os.path.dirname(link), exist_ok=True)
     os.symlink(target, tmp)
     os.replace(tmp, link)
     return link

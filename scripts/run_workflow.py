@@ -128,7 +128,7 @@ def main(argv=None):
                       file=sys.stderr)
                 return 1
             files = srv.output_files(srv.run(api, timeout=args.timeout))
-    except (HostError, KeyError, ValueError, TimeoutError, RuntimeError) as e:
+    except (HostError, KeyError, ValueError, OSError, RuntimeError) as e:  # TimeoutError is an OSError
         print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 1
     print("\n".join(files))

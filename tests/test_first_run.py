@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from comfy_host import HOST_DIR, host_python, host_version
 from conftest import ROOT
 from example_inputs import WRITERS
 from media import assert_real_video, probe
@@ -63,3 +64,21 @@ def test_missing_model_files_are_named_with_their_folders(tmp_path):
                          ("wan_2.1_vae.safetensors", "vae"), ("umt5_xxl_fp16.safetensors", "text_encoders"),
                          ("clip_vision_h.safetensors", "clip_vision")):
         assert f"{name} -> {models / folder}{os.sep}" in done.stderr, done.stderr[-3000:]
+
+
+def test_run_sh_on_the_users_own_comfyui(tmp_path):
+    """`scripts/run.sh --comfyui PATH` runs on that ComfyUI folder with $PYTHON (here a copy of the host under test,
+    as a user's own install): the pack is linked into its custom_nodes and the video written; nothing is set up."""
+    host = tmp_path / "ComfyUI"
+    shutil.copytree(HOST_DIR, host, ignore=shutil.ignore_patterns("custom_nodes", "__pycache__", "output", "temp"),
+                    symlinks=True)
+    env = dict(os.environ, PYTHON=host_python())
+    done = subprocess.run(["bash", "scripts/run.sh", "--comfyui", str(host), "--out", str(tmp_path / "out"),
+                           "--input", str(tmp_path / "input")], cwd=ROOT, env=env, text=True, capture_output=True,
+                          timeout=900, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"ComfyUI {host_version(str(host))} at {host}" in done.stderr
+    assert os.path.realpath(host / "custom_nodes" / "ComfyUI-WanLean") == os.path.realpath(ROOT)
+    videos = [line for line in done.stdout.splitlines() if line.endswith(".mp4")]
+    assert len(videos) == 1 and videos[0].startswith(str(tmp_path / "out")), done.stdout
+    assert_real_video(videos[0])
