@@ -125,7 +125,7 @@ class WanLeanTextEncoderLoader(WanLeanNode):
         path = folder_paths.get_full_path_or_raise("text_encoders", text_encoder_name)
         raw = read_file(path)
         device = mm.text_encoder_device()
-        ckpt = load_text_encoder(raw)  # scaled fp8 keeps its scales, for ComfyUI's scaled-fp8 ops
+        ckpt = load_text_encoder(raw)  # quantized layers stay packed with their scales, decoded at use
         model = UMT5Encoder.from_state_dict(ckpt.sd, ops=ops_for(ckpt, device))  # runs in fp32, weights cast at use
         tokenizer = UMT5Tokenizer.locate(path, raw)  # after the model check: a wrong file is named as such first
         return io.NodeOutput(Handle.wrap(model, device, mm.text_encoder_offload_device(), torch.float32,

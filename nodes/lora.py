@@ -16,7 +16,8 @@ from .common import WanLeanNode, WanLeanModel
 
 
 def model_shapes(model):
-    """Tensor shapes as a LoRA sees them: GGUF-quantised weights (wan_core.gguf.QuantLinear) by their logical shape."""
+    """Tensor shapes as a LoRA sees them: packed weights (GGUF, ComfyUI's quantized formats: wan_core.quant.QuantLinear)
+    by their logical shape."""
     shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
     shapes.update({f"{name}.weight": m.qshape for name, m in model.named_modules() if getattr(m, "qtype", None)})
     return shapes
@@ -26,7 +27,8 @@ def add_lora(patcher, patches, strength):
     """A clone of `patcher` carrying `patches` (wan_core.lora format) at `strength`, each the way ComfyUI applies it
     in every load mode (full, or partial with layers streamed):
     - weights of ComfyUI's casting ops (Linear, Conv3d, LayerNorm): ModelPatcher patches (LoRAAdapter / diff);
-    - GGUF-quantised weights: a weight wrapper patching the dequantised weight at use (the blocks stay quantised);
+    - packed weights (GGUF, ComfyUI's quantized formats): a weight wrapper patching the decoded weight at use (the
+      packed tensors stay as stored);
     - anything else (`modulation`, RMSNorm gains; ModelPatcher skips bare parameters of modules with children and,
       in a partial load, plain modules): an object patch, a small patched copy swapped in on load, out on unload."""
     clone = patcher.clone()

@@ -1,18 +1,20 @@
-"""ComfyUI layer namespaces for what wan_core.checkpoint reads: ComfyUI's casting ops for any float dtype
-(fp8 included), ComfyUI's own scaled-fp8 ops for files with per-layer scales, and casting ops whose Linear
-dequantises GGUF weights when it runs (so the quantised blocks are what ComfyUI stores, offloads and streams)."""
+"""ComfyUI layer namespaces for what wan_core.checkpoint reads: ComfyUI's casting ops for any float dtype (fp8
+included), and casting ops whose Linear decodes packed weights when it runs (GGUF blocks; ComfyUI's scaled fp8,
+nvfp4, mxfp8 and int8 formats in every layout: wan_core.quant), so the packed tensors are what ComfyUI stores,
+offloads and streams. Both hosts run the same layers: 0.3.75's comfy.ops.scaled_fp8_ops is gone from newer ComfyUI
+(0.4.0 on), whose mixed_precision_ops would need its QuantizedTensor (comfy_kitchen), absent from older hosts."""
 import torch.nn.functional as F
 
 import comfy.model_management as mm
 import comfy.ops
 
-from ..wan_core.gguf import QuantLinear
+from ..wan_core.quant import QuantLinear
 
 
-class GGUFOps(comfy.ops.manual_cast):
+class QuantOps(comfy.ops.manual_cast):
     class Linear(QuantLinear, comfy.ops.manual_cast.Linear):
-        """Raw GGUF blocks stay the parameter; each call moves them to the input's device, dequantises to the
-        input's dtype and applies ComfyUI's weight patches (low-VRAM LoRA) to the result."""
+        """Packed tensors stay the parameters; each call moves them to the input's device, decodes them to the
+        input's dtype and applies ComfyUI's weight patches (LoRA wrappers, low-VRAM patches) to the result."""
 
         def forward_comfy_cast_weights(self, input):
             if self.qtype is None:
@@ -29,13 +31,7 @@ class GGUFOps(comfy.ops.manual_cast):
 
 
 def ops_for(ckpt, load_device=None):
-    """The ops namespace a `wan_core.checkpoint.Checkpoint` computes with, chosen as ComfyUI chooses for its own
-    models: GGUF -> GGUFOps; scaled fp8 -> comfy.ops.scaled_fp8_ops (fp8 matmuls only where the device has
-    them and the file allows); everything else -> manual_cast (weights cast to the input's dtype at use)."""
-    if ckpt.quantized:
-        return GGUFOps
-    if ckpt.scaled_fp8 is not None:
-        fast = ckpt.input_scales and mm.supports_fp8_compute(load_device)
-        return comfy.ops.scaled_fp8_ops(fp8_matrix_mult=fast, scale_input=ckpt.input_scales,
-                                        override_dtype=ckpt.scaled_fp8)
-    return comfy.ops.manual_cast
+    """The ops namespace a `wan_core.checkpoint.Checkpoint` computes with: packed weights (GGUF, ComfyUI's quantized
+    formats) -> QuantOps, decoded per layer at use on any device (load_device does not change that); everything else
+    -> manual_cast (weights cast to the input's dtype at use)."""
+    return QuantOps if ckpt.quantized else comfy.ops.manual_cast

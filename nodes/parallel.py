@@ -20,6 +20,7 @@ from comfy_api.latest import io
 
 from ..wan_core.convert import FP8
 from ..wan_core.dit import HEAD_DIM
+from ..wan_core.gguf import BLOCK_TYPES as GGUF_TYPES
 from ..wan_core.model_source import DiTFiles, ModelSource
 from ..wan_core.parallel import ATTENTION_MODES, sample_job
 from ..wan_core.pipeline import Cond
@@ -84,7 +85,8 @@ def model_source(handle, name="model"):
     if source is None:
         raise ValueError(f"{name}: this model carries no record of the file it was loaded from, which every worker "
                          "loads: connect Wan Load Diffusion Model (optionally through Wan Load LoRA) to this node")
-    if source["path"].endswith(".gguf") or any(getattr(m, "qtype", None) for m in handle.patcher.model.modules()):
+    gguf = any(getattr(m, "qtype", None) in GGUF_TYPES for m in handle.patcher.model.modules())
+    if source["path"].endswith(".gguf") or gguf:
         raise ValueError(f"{name}: {os.path.basename(source['path'])} is GGUF-quantised, which the multi-device "
                          "sampler does not run: load a bf16/fp16/fp8 file of the model, or use Wan Sampler")
     return ModelSource.of(source["path"], DIT_WEIGHT_DTYPES[source["weight_dtype"]], source["loras"],

@@ -240,19 +240,33 @@ def test_switching_models_and_partial_load():
     assert torch.equal(run(model), ref)
 
 
-def test_lora_on_gguf_model():
-    """A GGUF-quantised model (blocks kept quantised in ComfyUI's ops): the LoRA matches by the logical shapes and
-    patches the dequantised weights at use, in a full and a partial load; the plain model is unchanged after."""
-    if not os.path.isfile(os.path.join(ROOT, "nodes", "ops.py")):
-        pytest.skip("no GGUF ops (nodes/ops.py) in this checkout")
-    lora_mod, ops = pack_module("lora"), pack_module("ops")
-    gguf = sys.modules["wanlean_pack.wan_core.gguf"]  # the classes nodes/ops.py knows
+def _quantized_tiny_sd(fmt):
+    """tiny_sd() with its Linear weights packed as the loader packs a file of format `fmt` (a GGUF block type, or one
+    of ComfyUI's formats in its per-layer layout, fixtures.quant_writer), the rest fp32; classes the pack's ops know."""
+    convert = sys.modules["wanlean_pack.wan_core.convert"]
+    if fmt in convert.quant.FORMATS:
+        from fixtures.quant_writer import comfy_quant_file
+        return convert.pack_quantized(comfy_quant_file(tiny_sd(), lambda key: fmt, rest=torch.float32)[0])
+    gguf = sys.modules["wanlean_pack.wan_core.gguf"]
     quantised = lambda k, v: k.endswith(".weight") and v.ndim == 2  # noqa: E731
-    qsd = {k: gguf.GGUFWeight(torch.from_numpy(quantize(v.numpy(), "Q8_0")), "Q8_0", v.shape) if quantised(k, v)
-           else v.clone() for k, v in tiny_sd().items()}
-    model = WanDiT.from_state_dict(qsd, ops=ops.GGUFOps).eval()
-    assert model.blocks[0].self_attn.q.weight.dtype == torch.uint8
-    dequantised = {k: v.dequantize() if isinstance(v, gguf.GGUFWeight) else v for k, v in qsd.items()}
+    return {k: gguf.GGUFWeight(torch.from_numpy(quantize(v.numpy(), fmt)), fmt, v.shape) if quantised(k, v)
+            else v.clone() for k, v in tiny_sd().items()}
+
+
+@pytest.mark.parametrize("fmt,storage", [("Q8_0", torch.uint8), ("nvfp4", torch.uint8), ("mxfp8", torch.float8_e4m3fn),
+                                         ("float8_e4m3fn", torch.float8_e4m3fn), ("int8_tensorwise", torch.int8)])
+def test_lora_on_quantized_model(fmt, storage):
+    """A quantized model (GGUF blocks, ComfyUI's formats: kept packed in the pack's ops, nodes/ops.py): the LoRA matches
+    by the logical shapes and patches the decoded weights at use, in a full and a partial load (every layer streamed
+    by ComfyUI); the plain model is unchanged after."""
+    if not os.path.isfile(os.path.join(ROOT, "nodes", "ops.py")):
+        pytest.skip("no quantized ops (nodes/ops.py) in this checkout")
+    lora_mod, ops = pack_module("lora"), pack_module("ops")
+    qsd = _quantized_tiny_sd(fmt)
+    model = WanDiT.from_state_dict(dict(qsd), ops=ops.QuantOps).eval()
+    assert model.blocks[0].self_attn.q.weight.dtype == storage and model.blocks[0].self_attn.q.qtype == fmt
+    packed = sys.modules["wanlean_pack.wan_core.quant"].PackedWeight
+    dequantised = {k: v.dequantize() if isinstance(v, packed) else v for k, v in qsd.items()}
     lora = smoke_lora(dequantised, "lightx2v", seed=6)
     match = match_lora(lora, lora_mod.model_shapes(model))
     assert not match.unmatched and not match.mismatched, match.summary()

@@ -188,12 +188,46 @@ def test_unsupported_files_are_refused_by_name(zoo_dir, row):
 
 def test_scaled_umt5_keeps_fp8_and_its_scales(zoo_dir):
     """The bug this zoo was started for: umt5_xxl_fp8_e4m3fn_scaled ran with its scales dropped (output off by 1.6x
-    its own scale). The node now keeps the fp8 weights with ComfyUI's scaled-fp8 Linears."""
+    its own scale). The node now keeps the fp8 weights packed with their scales (wan_core.quant), decoded at use."""
     row = next(r for r in zoo.ZOO if r.name == "umt5_xxl_fp8_e4m3fn_scaled.safetensors")
     zoo.write_zoo(zoo_dir, [row])
     handle = node_load(row)
     q = handle.patcher.model.blocks[0].attn.q
-    assert q.weight.dtype == torch.float8_e4m3fn and q.scale_weight.item() != 1.0
+    assert q.qtype == "float8_e4m3fn" and q.weight.dtype == torch.float8_e4m3fn and q.weight_scale.item() != 1.0
+
+
+def _negative_controls():
+    """(row, damage) for every quantized row's damages that apply: scales dropped (every ComfyUI-layout row, one
+    legacy scaled-fp8 DiT and the umT5), block scales unswizzled (nvfp4, mxfp8), nibbles swapped (nvfp4)."""
+    legacy = {"Wan2_1-T2V-14B_fp8_e4m3fn_scaled_KJ.safetensors", "umt5_xxl_fp8_e4m3fn_scaled.safetensors"}
+    out = []
+    for row in zoo.ZOO:
+        if row.layout in zoo.QUANT_LAYOUTS or row.name in legacy:
+            out.append((row, "no_scales"))
+        if "nvfp4" in row.precision or "mxfp8" in row.precision:
+            out.append((row, "unswizzled"))
+        if "nvfp4" in row.precision:
+            out.append((row, "nibbles_swapped"))
+    return [pytest.param(r, d, id=f"{d}-{r.name}") for r, d in out]
+
+
+@pytest.mark.parametrize("row,damage", _negative_controls())
+def test_quantized_rows_negative_controls(zoo_dir, row, damage):
+    """Each quantized row's file with one thing wrong (zoo.DAMAGES) must fail: refused by the loader node with the
+    layer and the missing scale named (a ComfyUI-layout file says which scales it has), or off the original by more
+    than the row's stated error, or non-finite (a legacy scaled fp8 file without its scales is a plain fp8 file of
+    weights up to 448 times too large; wrongly ordered block scales or nibbles load and compute wrong values)."""
+    zoo.write_zoo(zoo_dir, [row])
+    damaged = zoo.Row(zoo.write_damaged(zoo_dir, row, damage)[len("zoo/"):], row.folder, row.publisher, row.model,
+                      row.layout, row.precision)
+    if damage == "no_scales" and row.layout in zoo.QUANT_LAYOUTS:
+        with pytest.raises(ValueError, match=r"layer '[\w.]+' is [\w+]+ but the file has no [\w.]+\.weight_scale"):
+            node_output(damaged)
+        return
+    out = node_output(damaged)
+    err = rel(out, reference_output(row)) if torch.isfinite(out).all() else float("inf")  # 448x weights overflow
+    print(f"\n{damage} {row.name}: error {err:.2e} (stated {zoo.TOLERANCE[row.precision]:.0e})")
+    assert err > zoo.TOLERANCE[row.precision], f"{damage} {row.name}: {err:.2e} passes as the intact file"
 
 
 # ----------------------------------------------------------------------------- through the server

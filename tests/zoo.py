@@ -12,6 +12,12 @@ Where each layout comes from (read in the code that writes or reads the real fil
 - Kijai's WanVideo_comfy(_fp8_scaled) files: official keys, no prefix; `*_fp8_e4m3fn_scaled_KJ` = fp8 Linear
   weights with float32 `scale_weight`, everything else float32, no `scaled_fp8` marker (the loader also reads
   the marker when present); `umt5-xxl-enc-bf16` / `-fp8_e4m3fn`: the official umT5 keys.
+- ComfyUI's current quantized layout (its QUANTIZATION.md, comfy/ops.py mixed_precision_ops, comfy/utils.py
+  convert_old_quants): per Linear `weight` (the data), `weight_scale`, nvfp4's `weight_scale_2`, and the layer's format
+  as a `<layer>.comfy_quant` uint8 entry of JSON bytes (what ComfyUI's own state_dict writes) and/or the
+  `_quantization_metadata` header (silveroxides' convert_to_quant writes both, e.g. the partial NVFP4 + fp8 Wan files);
+  formats float8_e4m3fn, nvfp4, mxfp8, int8_tensorwise, quantized from the bf16 weights by fixtures.quant_writer
+  (comfy_kitchen's bytes, checked in tests/test_quant.py), everything else bf16.
 - GGUF (city96's ComfyUI-GGUF convert script, QuantStack's Wan 2.2 files): general.architecture "wan",
   general.quantization_version 2, general.file_type; 1-D and small tensors F32; matrices whose rows do not split
   into 256 re-shaped to rows of 256 with a `comfy.gguf.orig_shape.<key>` INT32 array; the 5-D patch embedding F32
@@ -46,14 +52,21 @@ from fixtures.gguf_writer import write_gguf  # noqa: E402
 from fixtures.lora import smoke_lora  # noqa: E402
 from fixtures.smoke import clip_state, dit_state, official_to_hf, t5_state, vae_state, write_sharded  # noqa: E402
 from fixtures.smoke import wav2vec2_state  # noqa: E402
+from fixtures.quant_writer import comfy_quant_file, plain_layout  # noqa: E402
 from fixtures.variants import to_scaled_fp8  # noqa: E402
+from wan_core.quant import FORMATS, unblock  # noqa: E402
 
 VERSION = "zoo-v1"
 PREFIX = "model.diffusion_model."
 FP16, BF16, FP32, E4M3 = torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn
-# stated error of each precision: max |output - fp32 original's output| / max |fp32 original's output|
+# stated error of each precision: max |output - fp32 original's output| / max |fp32 original's output|; the weights'
+# relative rounding step (fp8 e4m3: 2^-3 between neighbours, 2^-4 at most off; int8: 1/254 of the tensor's max; e2m1:
+# up to 1/6 of its 16-value block's max) grows through the tiny models' few layers to these
 TOLERANCE = {"fp32": 1e-5, "fp16": 3e-3, "bf16": 2.5e-2, "fp8_e4m3fn": 8e-2, "fp8_scaled": 8e-2,
+             "float8_e4m3fn": 8e-2, "mxfp8": 8e-2, "int8_tensorwise": 2.5e-2, "nvfp4": 0.2, "nvfp4+float8_e4m3fn": 0.2,
              "Q8_0": 2e-2, "Q6_K": 4e-2, "Q5_K_M": 8e-2, "Q4_K_M": 0.2}
+QUANT_LAYOUTS = {"comfy_quant": dict(entries=True, header=False), "quant_metadata": dict(entries=False, header=True),
+                 "convert_to_quant": dict(entries=True, header=True)}
 MODELS = {  # family -> the smoke model it is made from (fixtures.smoke)
     "t2v-1.3B": "wan2.1_t2v_1.3B_fp16.safetensors", "t2v-14B": "wan2.1_t2v_14B_fp16.safetensors",
     "i2v-480p": "wan2.1_i2v_480p_14B_fp16.safetensors", "i2v-720p": "wan2.1_i2v_720p_14B_fp16.safetensors",
@@ -139,6 +152,18 @@ ZOO = [
     Row("umt5-xxl-enc-fp8_e4m3fn.safetensors", "text_encoders", "Kijai", "umt5", "official", "fp8_e4m3fn"),
     Row("Wan2_1_VAE_bf16.safetensors", "vae", "Kijai", "vae-2.1", "official", "bf16"),
     Row("Wan2_1_VAE_fp32.safetensors", "vae", "Kijai", "vae-2.1", "official", "fp32"),
+    # ComfyUI's per-layer quantized files: its own conversion (comfy_quant entries), the header-only layout, and
+    # convert_to_quant's partial NVFP4 (nvfp4 with fp8 cross-attention, entries and header)
+    *[Row(f"wan2.2_t2v_high_noise_14B_{p}.safetensors", "diffusion_models", "ComfyUI (mixed precision)",
+          "t2v-A14B-high", "comfy_quant", p, server=True) for p in ("nvfp4", "mxfp8", "int8_tensorwise")],
+    Row("wan2.1_t2v_14B_fp8_e4m3fn_scaled_metadata.safetensors", "diffusion_models", "header-only quant metadata",
+        "t2v-14B", "quant_metadata", "float8_e4m3fn", server=True),
+    Row("Wan2.1-I2V-14B-480P-StepDistill-CfgDistill-Lightx2v-NVFP4.safetensors", "diffusion_models",
+        "InsecureErasure (convert_to_quant)", "i2v-480p", "convert_to_quant", "nvfp4+float8_e4m3fn"),
+    *[Row(f"umt5_xxl_{p}.safetensors", "text_encoders", "ComfyUI (mixed precision)", "umt5", "comfy_quant", p,
+          server=p == "nvfp4") for p in ("nvfp4", "mxfp8", "int8_tensorwise")],
+    Row("umt5_xxl_fp8_e4m3fn_scaled_metadata.safetensors", "text_encoders", "header-only quant metadata", "umt5",
+        "quant_metadata", "float8_e4m3fn", server=True),
     # GGUF
     *[Row(n, "diffusion_models", p, f, "gguf", q, server=(f, q) == ("t2v-14B", "Q4_K_M"))
       for n, p, f, q in (("wan2.1-t2v-14b-Q8_0.gguf", "city96", "t2v-14B", "Q8_0"),
@@ -254,9 +279,24 @@ def _sharded(sd, path):
         raise ValueError(f"{name}: fewer tensors than shards")
 
 
+def format_of(row):
+    """key -> the format a QUANT_LAYOUTS row stores that Linear weight in (the mixed 'nvfp4+float8_e4m3fn': fp8 for the
+    cross-attention, nvfp4 elsewhere)."""
+    first, _, second = row.precision.partition("+")
+    return (lambda key: second if ".cross_attn." in key else first) if second else (lambda key: first)
+
+
+def quant_file(row, sd, rename=lambda key: key):
+    """(tensors, header metadata) of a row in QUANT_LAYOUTS."""
+    return comfy_quant_file(sd, format_of(row), rename=rename, **QUANT_LAYOUTS[row.layout])
+
+
 def write_dit(row, sd, path):
     s2v_bf16 = BF16 if row.model == "s2v" else FP16  # what the rest of a repackaged fp8 file is stored in
-    if row.layout == "comfy":
+    if row.layout in QUANT_LAYOUTS:
+        tensors, meta = quant_file(row, sd, (lambda k: PREFIX + k) if row.layout == "comfy_quant" else (lambda k: k))
+        _save(tensors, path, meta)
+    elif row.layout == "comfy":
         _save({PREFIX + k: v for k, v in _dtype_dit(sd, row.precision, s2v_bf16).items()}, path)
     elif row.layout == "kj":
         out = _dtype_dit(sd, row.precision, FP32 if row.precision == "fp8_scaled" else BF16)
@@ -297,6 +337,10 @@ def _config(folder, config):
 
 
 def write_text_encoder(row, sd, spm, path):
+    if row.layout in QUANT_LAYOUTS:  # HF keys as ComfyUI's umt5_xxl files, with their tokenizer
+        sd, meta = quant_file(row, sd, lambda key: next(iter(official_to_hf({key: None}))))
+        _save({**sd, "spiece_model": torch.from_numpy(np.frombuffer(spm, dtype=np.uint8).copy())}, path, meta)
+        return
     if row.precision == "fp8_scaled":  # Linears only (not the embedding tables), over fp16
         sd = to_scaled_fp8(convert.cast_weights(sd, FP16))
     elif row.precision == "fp8_e4m3fn":
@@ -383,6 +427,40 @@ def write_row(root, row):
     else:
         write_other(row, sd, path)
     return path
+
+
+# negative controls: a quantized row's file with one thing wrong, which the loader must refuse or the comparison catch
+DAMAGES = {"no_scales": "every weight_scale / weight_scale_2 / scale_weight dropped",
+           "unswizzled": "block scales in plain row-major order instead of cuBLAS's tiles",
+           "nibbles_swapped": "nvfp4 codes with the odd column in the high nibble"}
+
+
+def _damage(tensors, damage, fmt_of):
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith((".weight_scale", ".scale_weight"))]:
+        layer = key.rsplit(".", 1)[0]
+        weight, fmt = tensors[layer + ".weight"], fmt_of(layer + ".weight")
+        if damage == "no_scales":
+            out.pop(key)
+            out.pop(layer + ".weight_scale_2", None)
+        elif damage == "unswizzled" and fmt in FORMATS and FORMATS[fmt].block:
+            blocks = weight.shape[1] * (2 if fmt == "nvfp4" else 1) // FORMATS[fmt].block
+            plain = unblock(tensors[key].view(torch.uint8), weight.shape[0], blocks)
+            out[key] = plain_layout(plain).view(tensors[key].dtype)
+        elif damage == "nibbles_swapped" and fmt == "nvfp4":
+            out[layer + ".weight"] = weight << 4 | weight >> 4
+    return out
+
+
+def write_damaged(root, row, damage):
+    """The row's file (written) with DAMAGES[damage] done to it, under zoo/negative/<damage>/; returns its zoo path."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(root, row.folder, "zoo", row.name), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    name = f"negative/{damage}/{row.name}"
+    fmt_of = format_of(row) if row.layout in QUANT_LAYOUTS else (lambda key: None)
+    _save(_damage(tensors, damage, fmt_of), os.path.join(root, row.folder, "zoo", name), meta)
+    return f"zoo/{name}"
 
 
 def merged_reference_path(row):

@@ -3,8 +3,9 @@
 Handles: single .safetensors, sharded safetensors with an index json (the index file itself, any shard or
 their folder; shards without an index when all of them lie together), .pth/.pt (read with weights_only=True),
 GGUF, and key prefixes such as ComfyUI's `model.diffusion_model.`. `load_dit` / `load_vae` also turn the
-diffusers layouts into official keys and report the precision (fp8, ComfyUI scaled fp8, GGUF) so the caller
-can pick layers that compute with it (wan_core.gguf.make_ops, or ComfyUI's ops in nodes/ops.py).
+diffusers layouts into official keys, and quantized matrices (GGUF, ComfyUI's fp8 / nvfp4 / mxfp8 / int8 in any of
+their layouts) into packed weights (wan_core.quant) for layers that decode them at use (wan_core.castops, or
+ComfyUI's ops in nodes/ops.py).
 Kinds are told apart by marker keys and shapes, never by file names.
 """
 import glob
@@ -17,7 +18,8 @@ import torch
 from safetensors import safe_open
 
 from . import convert, t5
-from .gguf import GGUFError, quant_summary, read_gguf
+from .gguf import GGUFError, read_gguf
+from .quant import QuantError, QuantWeight, layer_entry, quant_summary, unpack
 from .keys import describe, strip_prefix
 
 DIT_MARKER, DIT_DIFFUSERS_MARKER = "head.modulation", "condition_embedder.time_proj.weight"
@@ -34,10 +36,26 @@ class CheckpointError(ValueError):
 def _read_safetensors(path):
     try:
         with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+            header = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for truncated/corrupt headers
         raise CheckpointError(f"cannot read '{os.path.basename(path)}' as safetensors ({e}); "
                               "the file is truncated or corrupt: download it again") from e
+    return _with_layer_entries(sd, header.get("_quantization_metadata"), path)
+
+
+def _with_layer_entries(sd, metadata, path):
+    """ComfyUI's `_quantization_metadata` header (JSON {"format_version": "1.0", "layers": {layer: {"format": ...}}})
+    added to sd as the `<layer>.comfy_quant` entries ComfyUI's loader turns it into; an entry in the file wins."""
+    if metadata is None:
+        return sd
+    try:
+        layers = json.loads(metadata)["layers"]
+        entries = {f"{layer}.comfy_quant": layer_entry(dict(conf)) for layer, conf in layers.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"'{os.path.basename(path)}': its _quantization_metadata header is not ComfyUI's layer "
+                              f"table ({type(e).__name__}: {e}); the file is damaged: download it again") from e
+    return {**entries, **sd}
 
 
 def _listing(names, limit=5):
@@ -104,7 +122,8 @@ def _sibling_shards(path):
 
 def read_file(path, keep_quantized=False):
     """Every tensor of a checkpoint file, keys as stored. A shard of a sharded checkpoint, its index json or
-    its folder read the whole checkpoint. GGUF matrices stay `GGUFWeight`s when keep_quantized."""
+    its folder read the whole checkpoint. GGUF matrices stay `GGUFWeight`s when keep_quantized. A safetensors
+    `_quantization_metadata` header comes as the `<layer>.comfy_quant` entries ComfyUI makes of it."""
     if not os.path.exists(path):
         raise CheckpointError(f"'{path}' does not exist")
     if SHARD_NAME.search(path):
@@ -146,16 +165,14 @@ def read_file(path, keep_quantized=False):
 
 @dataclass
 class Checkpoint:
-    """An official-key state dict and what its file was: layout ('official', 'ComfyUI', 'diffusers', 'GGUF'),
-    and for ComfyUI's scaled fp8 the fp8 dtype (`scaled_fp8`) and whether its Linears keep input scales.
-    GGUF matrices are `wan_core.gguf.GGUFWeight`s in sd."""
+    """An official-key state dict and what its file was: layout ('official', 'ComfyUI', 'diffusers', 'GGUF').
+    Quantized matrices are wan_core.quant.PackedWeights in sd (GGUF blocks, ComfyUI's formats)."""
     sd: dict
     layout: str
-    scaled_fp8: torch.dtype = None
-    input_scales: bool = False
 
     @property
     def quantized(self):
+        """'nvfp4 x120, float8_e4m3fn x8' for the packed weights ('' when none)."""
         return quant_summary(self.sd)
 
     def describe(self):
@@ -164,8 +181,7 @@ class Checkpoint:
             if isinstance(v, torch.Tensor):
                 dtypes[v.dtype] = dtypes.get(v.dtype, 0) + v.numel()
         main = str(max(dtypes, key=dtypes.get)).replace("torch.", "") if dtypes else "?"
-        detail = self.quantized or (f"scaled {str(self.scaled_fp8).replace('torch.float8_', 'fp8 ')}" if self.scaled_fp8 else main)
-        return f"{self.layout} layout, {detail}"
+        return f"{self.layout} layout, {self.quantized or main}"
 
 
 def _layout(sd, markers, path, expected, node_hint):
@@ -207,11 +223,25 @@ def check_supported_dit(sd, path):
                                   f"Wan Lean does not run: use {_NATIVE.format('WanFunControlToVideo')}")
 
 
+def _precision(sd, weight_dtype, what):
+    """sd with its quantized layers packed (convert.pack_quantized; a QuantError becomes a CheckpointError naming
+    `what`), then stored in `weight_dtype`: None keeps every dtype as stored; bf16/fp16/fp32 decode ComfyUI's formats
+    and convert every float tensor; an fp8 dtype stores the plain matrices in it, packed ones stay as they are. GGUF
+    blocks stay packed whatever is asked."""
+    try:
+        sd = convert.pack_quantized(sd)
+    except QuantError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    if weight_dtype is None or weight_dtype in convert.FP8 and any(isinstance(v, QuantWeight) for v in sd.values()):
+        return sd
+    return convert.cast_weights(unpack(sd, weight_dtype), weight_dtype)
+
+
 def load_dit(path, weight_dtype=None):
     """A Wan diffusion model file of any layout and precision as a `Checkpoint` with official keys.
-    weight_dtype: None keeps the file's dtypes; bf16/fp16/fp32 convert every float tensor; an fp8 dtype
-    stores the matrices in it. A scaled-fp8 file keeps its scales unless another dtype is asked for (then the
-    scales are folded into the weights). GGUF weights stay quantised whatever is asked."""
+    weight_dtype: None keeps the file's dtypes (quantized layers stay packed, decoded at use); bf16/fp16/fp32 convert
+    every float tensor (and decode ComfyUI's quantized formats into it); an fp8 dtype stores the matrices in it.
+    GGUF weights stay quantised whatever is asked."""
     raw = read_file(path, keep_quantized=True)
     prefix, layout = _layout(raw, {DIT_MARKER: "official", DIT_DIFFUSERS_MARKER: "diffusers"}, path,
                              "a Wan diffusion model", "Put Wan diffusion models in models/diffusion_models and load "
@@ -222,14 +252,7 @@ def load_dit(path, weight_dtype=None):
     check_supported_dit(sd, path)
     if path.endswith(".gguf"):
         layout = "GGUF"
-    fp8, input_scales = convert.pop_scaled_fp8(sd)
-    if fp8 is not None and weight_dtype is not None and weight_dtype not in convert.FP8:
-        sd, fp8 = convert.fold_fp8_scales(sd, weight_dtype), None
-    elif fp8 is not None:
-        sd = convert.complete_fp8_scales(sd, input_scales)
-    elif weight_dtype is not None:
-        sd = convert.cast_weights(sd, weight_dtype)
-    return Checkpoint(sd, layout, fp8, input_scales and fp8 is not None)
+    return Checkpoint(_precision(sd, weight_dtype, f"'{os.path.basename(path.rstrip('/'))}'"), layout)
 
 
 def load_vae(path):
@@ -248,17 +271,10 @@ def load_vae(path):
 
 def load_text_encoder(raw, weight_dtype=None):
     """A umT5 encoder state dict as read (ComfyUI/HF or official layout, any prefix) as a `Checkpoint` with official
-    keys. ComfyUI's scaled-fp8 file (umt5_xxl_fp8_e4m3fn_scaled: fp8 Linear weights with per-layer `scale_weight`
-    and a `scaled_fp8` marker) is handled as load_dit handles the DiT's: the scales are kept for ComfyUI's
-    scaled-fp8 ops (nodes/ops.py ops_for), or folded into the weights when weight_dtype is given (plain torch).
-    Input scales are dropped, as ComfyUI does for text encoders. Other files pass; weight_dtype casts them."""
-    sd = t5.to_official(raw)
-    fp8, _ = convert.pop_scaled_fp8(sd)
-    if fp8 is not None and weight_dtype is not None:
-        sd, fp8 = convert.fold_fp8_scales(sd, weight_dtype), None
-    elif fp8 is not None:
-        sd = convert.complete_fp8_scales(sd, input_scales=False)
-    elif weight_dtype is not None:
-        sd = convert.cast_weights(sd, weight_dtype)
+    keys. Quantized files (umt5_xxl_fp8_e4m3fn_scaled: fp8 Linear weights with per-layer scales and a `scaled_fp8`
+    marker; ComfyUI's per-layer formats) keep their layers packed, decoded at use, as load_dit keeps the DiT's, or
+    decoded into weight_dtype when it is given (plain torch); input scales are dropped, as ComfyUI drops them for
+    text encoders. Other files pass; weight_dtype casts them."""
+    sd = _precision(t5.to_official(raw), weight_dtype, "umT5 text encoder")
     official = any(k.endswith("blocks.0.attn.q.weight") for k in raw)
-    return Checkpoint(sd, "official" if official else "ComfyUI", fp8)
+    return Checkpoint(sd, "official" if official else "ComfyUI")

@@ -7,13 +7,15 @@ blocks' `attn1`/`attn2` are `self_attn`/`cross_attn`, diffusers' `norm2` is the 
 official code calls `norm3`, `scale_shift_table` is `modulation`, `add_k_proj`/`add_v_proj`/`norm_added_k` are
 the I2V `k_img`/`v_img`/`norm_k_img`, and the VAE's stages are regrouped (`down_blocks`/`up_blocks`).
 
-Precision: casting to a chosen weight dtype (fp8 only for matrices, the rest of the model stays as stored),
-and ComfyUI's "scaled fp8" files (a `scaled_fp8` marker tensor whose dtype is the fp8 format, per-Linear
-`scale_weight` and optional `scale_input` scalars).
+Precision: casting to a chosen weight dtype (fp8 only for matrices, the rest of the model stays as stored), and
+ComfyUI's quantized files in every layout they come in (per-layer `comfy_quant` entries or header metadata, legacy
+scaled fp8, Kijai's scaled fp8), turned into wan_core.quant's packed weights.
 """
 import re
 
 import torch
+
+from . import quant
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -162,57 +164,55 @@ def cast_weights(sd, dtype):
     return {k: cast(k, v) for k, v in sd.items()}
 
 
-# ComfyUI's newer per-layer names (mixed-precision files: `_quantization_metadata` in the header, a `.comfy_quant`
-# entry per layer) -> the scaled-fp8 names; the arithmetic is the same (weight * scale, per tensor)
-_NEW_SCALE_NAMES = {".weight_scale": ".scale_weight", ".input_scale": ".scale_input"}
-
-
-def pop_scaled_fp8(sd):
-    """Scaled fp8, its markers removed from sd: (fp8 dtype, whether input scales are kept) or (None, False).
-    ComfyUI's `scaled_fp8` marker is read as its model_detection reads it: a float32 marker means e4m3fn; a
-    2-element marker turns the fp8 matmul optimisation (and with it the input scales) off. Files with per-layer
-    scales and no marker (Kijai's `*_fp8_e4m3fn_scaled_KJ`) or ComfyUI's newer `.weight_scale` / `.input_scale`
-    names are the same arithmetic: their scaled weights' dtype, input scales kept where the file has them."""
-    for key in [k for k in sd if k.endswith((".weight_scale", ".input_scale", ".comfy_quant"))]:
-        value = sd.pop(key)
-        suffix = key[key.rindex("."):]
-        if suffix in _NEW_SCALE_NAMES:
-            sd[key[: -len(suffix)] + _NEW_SCALE_NAMES[suffix]] = value
-    marker = sd.pop("scaled_fp8", None)
-    if marker is not None:
-        return (torch.float8_e4m3fn if marker.dtype == torch.float32 else marker.dtype), marker.numel() != 2
-    scaled = next((k for k in sd if k.endswith(".scale_weight")), None)
-    if scaled is None:
-        return None, False
-    weight = sd.get(scaled[: -len("scale_weight")] + "weight")
-    dtype = weight.dtype if weight is not None and weight.dtype in FP8 else torch.float8_e4m3fn
-    return dtype, any(k.endswith(".scale_input") for k in sd)
-
-
 # nn.Embedding tables of the Wan models (S2V's token-type table, umT5's token and relative-position tables): 2D
-# weights that are no Linear, so ComfyUI's scaled-fp8 ops give them no scale
+# weights that are no Linear (ComfyUI quantizes Linears only; a file that quantized one anyway has it decoded at load)
 EMBEDDING_TABLES = ("trainable_cond_mask.weight", "token_embedding.weight", "pos_embedding.embedding.weight")
+_ENTRY, _SCALE = ".comfy_quant", ".weight_scale"
+_LEGACY_SCALE, _INPUT_SCALES = ".scale_weight", (".scale_input", ".input_scale")
+_LAYER_TENSORS = ("weight_scale", "weight_scale_2", *quant.OPTIONAL)
 
 
-def complete_fp8_scales(sd, input_scales):
-    """The scale scalars ComfyUI's scaled_fp8_ops Linears hold, for every Linear: `scale_weight` (1 where the
-    file has none, i.e. a layer it left unquantised) and `scale_input` when input_scales (else dropped)."""
-    out = {k: v for k, v in sd.items() if input_scales or not k.endswith(".scale_input")}
-    for key, value in sd.items():
-        if key.endswith(".weight") and value.ndim == 2 and not key.endswith(EMBEDDING_TABLES):
-            base = key[: -len("weight")]
-            out.setdefault(base + "scale_weight", torch.ones((), dtype=torch.float32))
-            if input_scales:
-                out.setdefault(base + "scale_input", torch.ones((), dtype=torch.float32))
-    return out
+def _layer_entries(sd):
+    """{layer: ComfyUI's entry} of a state dict, which is edited to the current names: `<layer>.comfy_quant` entries
+    and the legacy `scaled_fp8` marker popped, legacy `.scale_weight` renamed `.weight_scale`, input scales dropped
+    (only fp8 matmuls on quantized activations use them). A layer with a `.weight_scale` and no entry is per-tensor fp8
+    of its weight's own dtype when that is fp8, as the legacy layout (ComfyUI's marker, which convert_old_quants reads
+    as e4m3fn whatever the weights are; Kijai's marker-less files) and the new names without an entry mean."""
+    entries = {}
+    sd.pop("scaled_fp8", None)
+    for key in list(sd):
+        if key.endswith(_ENTRY):
+            entries[key[: -len(_ENTRY)]] = quant.read_layer_entry(key, sd.pop(key))
+        elif key.endswith(_INPUT_SCALES):
+            sd.pop(key)
+        elif key.endswith(_LEGACY_SCALE):
+            sd[key[: -len(_LEGACY_SCALE)] + _SCALE] = sd.pop(key)
+    for key in [k for k in sd if k.endswith(_SCALE)]:
+        layer = key[: -len(_SCALE)]
+        weight = sd.get(layer + ".weight")
+        if layer not in entries and isinstance(weight, torch.Tensor) and weight.dtype in FP8:
+            entries[layer] = {"format": str(weight.dtype).replace("torch.", "")}
+    return entries
 
 
-def fold_fp8_scales(sd, dtype):
-    """A scaled-fp8 state dict as plain weights in `dtype` (weight * scale_weight); scale keys removed."""
-    out = {}
-    for key, value in sd.items():
-        if key.endswith((".scale_weight", ".scale_input")):
+def pack_quantized(sd):
+    """A state dict (official keys) with every quantized Linear as a `wan_core.quant.QuantWeight` at its `.weight` key,
+    whatever layout its file used: ComfyUI's per-layer `<layer>.comfy_quant` entries (wan_core.checkpoint.read_file
+    turns a `_quantization_metadata` header into them, as ComfyUI does) with `.weight_scale` / `.weight_scale_2`; the
+    legacy scaled fp8 (`scaled_fp8` marker, `.scale_weight`, `.scale_input`) and Kijai's marker-less scaled fp8. A
+    scale on a weight that is no quantized one (a 16/32-bit layer with its scale) is folded into it; a quantized
+    embedding table is decoded (bf16). Formats it cannot decode, missing scales: wan_core.quant.QuantError."""
+    sd = dict(sd)
+    for layer, entry in _layer_entries(sd).items():
+        key = layer + ".weight"
+        if key not in sd:  # an entry (a header's layer list) for a layer this file does not hold
             continue
-        scale = sd.get(key[: -len("weight")] + "scale_weight") if key.endswith(".weight") else None
-        out[key] = value if scale is None else value.float() * scale.float()
-    return cast_weights(out, dtype)
+        tensors = {"weight": sd.pop(key), **{n: sd.pop(f"{layer}.{n}") for n in _LAYER_TENSORS if f"{layer}.{n}" in sd}}
+        packed = quant.QuantWeight.of(layer, entry, tensors)
+        sd[key] = packed.dequantize(torch.bfloat16) if key.endswith(EMBEDDING_TABLES) else packed
+    for key in [k for k in sd if k.endswith(_SCALE)]:  # scales of plain float weights
+        weight_key = key[: -len(_SCALE)] + ".weight"
+        if isinstance(sd.get(weight_key), torch.Tensor) and sd[weight_key].is_floating_point():
+            scale = sd.pop(key).float()
+            sd[weight_key] = (sd[weight_key].float() * scale).to(sd[weight_key].dtype)
+    return sd

@@ -5,21 +5,20 @@ the official keys, matrices in any ggml block type below, 1D tensors, `.modulati
 `patch_embedding.weight` in F32/F16 (the 5D one stored with its 5D shape), and optional
 `comfy.gguf.orig_shape.<name>` INT32 arrays for tensors that were flattened before quantising.
 
-Matrices (2D `.weight` tensors) stay as raw blocks in a `GGUFWeight`; every other tensor is dequantised once
-when read. `QuantLinear` adopts a `GGUFWeight` when a state dict is loaded and dequantises it in forward:
-`make_ops()` builds plain-torch layers on it, nodes/ops.py ComfyUI's casting layers.
+Matrices (2D `.weight` tensors) stay as raw blocks in a `GGUFWeight` (a wan_core.quant.PackedWeight); every other
+tensor is dequantised once when read. wan_core.quant.QuantLinear adopts a `GGUFWeight` when a state dict is loaded and
+dequantises it in forward (plain-torch layers: wan_core.castops; ComfyUI's casting layers: nodes/ops.py).
 
 The `gguf` package (from the registry) reads and writes the container; the dequantisers here are torch
 code (they run on the weights' device). Writing K-quants (Q4_K, Q5_K) is done here too, because the `gguf`
 package only quantises the 32-value block types.
 """
-import types
 import warnings
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+
+from .quant import PackedWeight
 
 QK_K = 256
 # ggml block type -> (values per block, bytes per block)
@@ -32,18 +31,19 @@ class GGUFError(ValueError):
     """A GGUF file this loader cannot use; the message says why."""
 
 
-class GGUFWeight:
-    """A matrix as raw ggml blocks (uint8 [rows, bytes per row]) with its type and logical shape.
-    Not a tensor: only `QuantLinear` takes it (and shape readers such as WanDiT.config_from_state_dict)."""
+class GGUFWeight(PackedWeight):
+    """A matrix as raw ggml blocks (uint8 [rows, bytes per row]: its "weight" tensor), its type and logical shape."""
 
     def __init__(self, raw, qtype, shape):
-        self.raw, self.qtype, self.shape = raw, qtype, torch.Size(shape)
+        super().__init__(qtype, shape, {"weight": raw})
 
-    def dequantize(self, dtype=torch.float32):
-        return dequantize(self.raw, self.qtype, self.shape, dtype)
+    @property
+    def raw(self):
+        return self.tensors["weight"]
 
-    def __repr__(self):
-        return f"GGUFWeight({self.qtype}, {tuple(self.shape)})"
+    @staticmethod
+    def decode(qtype, tensors, shape, dtype):
+        return dequantize(tensors["weight"], qtype, shape, dtype)
 
 
 # ----------------------------------------------------------------------------- dequantisers (torch)
@@ -183,53 +183,3 @@ def read_gguf(path, keep_quantized=True):
             raise GGUFError(f"'{t.name}' is stored as GGUF type {qtype}, which this loader does not read "
                              f"(supported: {', '.join(FLOAT_TYPES + tuple(BLOCK_TYPES))}); use another quantisation of the model")
     return sd, (arch.contents() if arch is not None else None)
-
-
-def quant_summary(sd):
-    """'Q4_K x120, Q6_K x8' for the quantised weights of a state dict ('' when none)."""
-    counts = {}
-    for v in sd.values():
-        if isinstance(v, GGUFWeight):
-            counts[v.qtype] = counts.get(v.qtype, 0) + 1
-    return ", ".join(f"{k} x{n}" for k, n in sorted(counts.items()))
-
-
-# ----------------------------------------------------------------------------- layers
-
-class QuantLinear:
-    """Mixin for a Linear class: a `GGUFWeight` in the loaded state dict becomes a raw uint8 parameter plus
-    `qtype`/`qshape`; `dequantized_weight` expands it at use. Other weights load as usual."""
-    qtype = None
-    qshape = None
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        value = state_dict.get(prefix + "weight")
-        if isinstance(value, GGUFWeight):
-            if tuple(value.shape) != (self.out_features, self.in_features):
-                raise ValueError(f"'{prefix}weight' is {tuple(value.shape)} in the GGUF file but the layer is "
-                                 f"{(self.out_features, self.in_features)}: the file is another model variant")
-            self.qtype, self.qshape = value.qtype, value.shape
-            self.weight = nn.Parameter(value.raw, requires_grad=False)
-            state_dict = {**state_dict, prefix + "weight": value.raw}
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def dequantized_weight(self, dtype, device):
-        weight = self.weight.to(device, non_blocking=True)
-        if self.qtype is None:
-            return weight.to(dtype)
-        return dequantize(weight, self.qtype, self.qshape, dtype)
-
-
-class Linear(QuantLinear, nn.Linear):
-    """Plain-torch Linear for GGUF state dicts: weight dequantised (and bias cast) to the input's dtype."""
-
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x)
-        return F.linear(x, self.dequantized_weight(x.dtype, x.device), bias)
-
-
-def make_ops(base=nn):
-    """An ops namespace for the core models (WanDiT) holding GGUF weights without ComfyUI: `Linear`
-    dequantises at use; the other layers come from `base`."""
-    return types.SimpleNamespace(Linear=Linear, Conv1d=base.Conv1d, Conv2d=base.Conv2d, Conv3d=base.Conv3d,
-                                 LayerNorm=base.LayerNorm, Embedding=base.Embedding)

@@ -37,14 +37,14 @@ class ModelSource:
 
     def state_dict(self, dtype):
         """Official-key weights as a worker stores them (wan_core.castops.storage_dtypes): the file loaded as the
-        loader loads it, the LoRAs merged in that storage dtype (as ComfyUI patches a model's weights); fp8 sources
-        kept as stored (scaled fp8 with its `scale_weight` scalars, as ComfyUI's scaled-fp8 ops keep them), others
-        cast to the compute `dtype`."""
+        loader loads it, the LoRAs merged in that storage dtype (as ComfyUI patches a model's weights; on packed
+        weights, at use); fp8 and quantized sources kept as stored, others cast to the compute `dtype`."""
         ckpt = load_dit(self.path, self.weight_dtype and getattr(torch, self.weight_dtype))
-        if ckpt.quantized:
+        if ckpt.layout == "GGUF":
             raise ValueError(f"{os.path.basename(self.path)} is GGUF ({ckpt.quantized}): multi-device sampling needs "
-                             "a bf16/fp16/fp32/fp8 file of the model (or use Wan Sampler on one device)")
-        sd = {k: v for k, v in ckpt.sd.items() if not k.endswith(".scale_input")}  # used only by fp8 matmuls
+                             "a bf16/fp16/fp32/fp8 or ComfyUI-quantized file of the model (or use Wan Sampler on one "
+                             "device)")
+        sd = ckpt.sd
         for path, strength in self.loras:
             match = match_lora(read_file(path), sd).check(f"'{os.path.basename(path)}'")
             sd = merge_lora_stored(sd, match.patches, strength)
@@ -54,7 +54,8 @@ class ModelSource:
 @dataclass(frozen=True)
 class DiTFiles:
     """A picklable model factory for the workers: {name: ModelSource} built on the worker's device, weights stored
-    as ModelSource.state_dict stores them (fp8 stays fp8) and cast to each input's dtype at use (wan_core.castops).
+    as ModelSource.state_dict stores them (fp8 stays fp8, quantized stays packed) and cast to each input's dtype at
+    use (wan_core.castops).
     Equal instances mean the same models (the pool's reuse key)."""
     models: tuple  # ((name, ModelSource), ...)
     dtype: str = "bfloat16"
@@ -70,7 +71,6 @@ class DiTFiles:
         for name, source in self.models:
             sd = source.state_dict(getattr(torch, self.dtype))
             family = WanS2V if is_s2v_state_dict(sd) else WanDiT
-            ops = casting_ops(scaled=any(k.endswith(".scale_weight") for k in sd))  # weights cast at use
-            models[name] = family.from_state_dict(sd, ops=ops).to(device).eval()
+            models[name] = family.from_state_dict(sd, ops=casting_ops()).to(device).eval()  # weights cast at use
             models[name].attention_backend = source.attention
         return models
