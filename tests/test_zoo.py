@@ -252,12 +252,15 @@ def _chain(api, tag, model_file, te_file, lora=None):
     return f"{tag}_save"
 
 
-def server_graph():
-    """(API prompt, {row name: (its SaveLatent id, the reference's)}) for the server rows."""
+NEGATIVE_TE = "umt5_xxl_fp8_e4m3fn_scaled.safetensors"  # run through the server with its scales dropped too
+
+
+def server_graph(rows):
+    """(API prompt, {row name: (its SaveLatent id, the reference's)}) for `rows` (server rows, and a damaged one)."""
     ref_te = "zoo/reference/umt5_fp32.safetensors"
     ref_model = lambda fam: f"zoo/reference/{fam}_fp32.safetensors"  # noqa: E731
     api, pairs = {}, {}
-    for i, row in enumerate(r for r in zoo.ZOO if r.server):
+    for i, row in enumerate(rows):
         if row.folder == "text_encoders":
             ours, ref = _chain(api, f"r{i}", ref_model("t2v-1.3B"), row.path), _chain(api, "ref_t2v-1.3B",
                                                                                       ref_model("t2v-1.3B"), ref_te)
@@ -276,7 +279,10 @@ def test_zoo_rows_through_server(zoo_dir, server):
     zoo.write_zoo(zoo_dir, [r for r in zoo.ZOO if r.server])
     listed = combo_options(server.object_info()["WanLeanModelLoader"]["input"]["required"]["model_name"])
     assert {r.path for r in zoo.ZOO if r.server and r.folder == "diffusion_models"} <= set(listed)
-    api, pairs = server_graph()
+    te = next(r for r in zoo.ZOO if r.name == NEGATIVE_TE)
+    damaged = zoo.Row(zoo.write_damaged(zoo_dir, te, "no_scales")[len("zoo/"):], te.folder, te.publisher, te.model,
+                      te.layout, te.precision)
+    api, pairs = server_graph([r for r in zoo.ZOO if r.server] + [damaged])
     entry = server.run(api)
 
     def latent(node):
@@ -288,6 +294,9 @@ def test_zoo_rows_through_server(zoo_dir, server):
         ours, ref = (latent(n) for n in pairs[row.name])
         err = rel(ours, ref)
         record(row.name, err, "server")
-        if err > zoo.TOLERANCE[row.precision]:
-            failures.append(f"{row.name}: {err:.2e} > {zoo.TOLERANCE[row.precision]:.0e}")
+        if err > zoo.server_tolerance(row):
+            failures.append(f"{row.name}: {err:.2e} > {zoo.server_tolerance(row):.0e}")
     assert not failures, failures
+    err = rel(*(latent(n) for n in pairs[damaged.name]))  # the negative control: this row's check catches it
+    print(f"\n{damaged.name} through the server: {err:.2e} (bound {zoo.server_tolerance(te):.0e})")
+    assert err > zoo.server_tolerance(te), f"{damaged.name}: {err:.2e} passes as the intact file"
