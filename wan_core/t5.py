@@ -145,9 +145,9 @@ class UMT5Encoder(torch.nn.Module):
         """Build from an official or HF/ComfyUI-layout state dict; the config comes from shapes.
 
         Weights are assigned without copies in their stored dtype when `ops` is given (ComfyUI casts at use);
-        with plain torch.nn (ops=None) they are made float32. A scaled-fp8 file's per-layer scales need layers
-        that hold them (ComfyUI's scaled-fp8 ops) or folding first: wan_core.checkpoint.load_text_encoder does
-        either; scales this model cannot take are refused, never dropped."""
+        with plain torch.nn (ops=None) they are made float32. A quantized file's per-layer scales need layers
+        that hold them (the quantized ops of nodes/ops.py and wan_core/castops.py) or decoding first:
+        wan_core.checkpoint.load_text_encoder does either; scales this model cannot take are refused, never dropped."""
         sd = to_official(sd)
         config = infer_config(sd)
         if ops is None:
@@ -161,8 +161,8 @@ class UMT5Encoder(torch.nn.Module):
         if unexpected:
             scaled = any(k.endswith(_SCALE_KEYS) or k == "scaled_fp8" for k in unexpected)
             raise ValueError(f"umT5 weights this encoder cannot use: {unexpected[:3]}"
-                             + (" (scaled fp8: load the file with wan_core.checkpoint.load_text_encoder, which keeps "
-                                "the scales for ComfyUI's scaled-fp8 ops or folds them)" if scaled else ""))
+                             + (" (quantized: load the file with wan_core.checkpoint.load_text_encoder, which keeps "
+                                "the scales for the quantized ops or decodes the weights)" if scaled else ""))
         return model.eval().requires_grad_(False)
 
 
