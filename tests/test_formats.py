@@ -106,6 +106,7 @@ def test_diffusers_i2v_keys_are_exact(pack, variants):
 def test_precision_within_tolerance(pack, variants, reference, name, weight_dtype, tol):
     model, ckpt = load_model(pack, variants, name, weight_dtype)
     rel = ((forward(model) - reference).abs().max() / reference.abs().max()).item()
+    print(f"\n{name} ({weight_dtype}): rel error {rel:.2e}")  # the figures of docs/files.md
     assert rel <= tol, f"{name}: rel error {rel:.3e} > {tol}"
     linear = model.blocks[0].ffn[0]
     if name.endswith(".gguf"):  # the blocks stay quantised in the model; dequantised only inside forward
