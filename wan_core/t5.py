@@ -161,7 +161,7 @@ class UMT5Encoder(torch.nn.Module):
         if unexpected:
             scaled = any(k.endswith(_SCALE_KEYS) or k == "scaled_fp8" for k in unexpected)
             raise ValueError(f"umT5 weights this encoder cannot use: {unexpected[:3]}"
-                             + (" (quantized: load the file with wan_core.checkpoint.load_text_encoder, which keeps "
+                             + (" (quantized, e.g. scaled fp8: load the file with wan_core.checkpoint.load_text_encoder, which keeps "
                                 "the scales for the quantized ops or decodes the weights)" if scaled else ""))
         return model.eval().requires_grad_(False)
 
