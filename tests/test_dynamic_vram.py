@@ -56,7 +56,10 @@ def aimdo(on):
 
 @pytest.fixture(scope="module")
 def nodes(memory_nodes, smoke_models):
-    """tests/test_memory.py's node modules (model folders on the smoke models) and the S2V nodes, audio encoders too."""
+    """tests/test_memory.py's node modules (model folders on the smoke models) and the S2V nodes, audio encoders too;
+    the fp8 and GGUF variants written (no other module's run may be counted on for them: a fresh clone has none)."""
+    from fixtures.variants import write_smoke_variants
+    write_smoke_variants(smoke_models)
     path = os.path.join(smoke_models, "audio_encoders")
     folder_paths.add_model_folder_path("audio_encoders", path)
     yield types.SimpleNamespace(loaders=memory_nodes.loaders, image=memory_nodes.image, s2v=pack_module("s2v"))
