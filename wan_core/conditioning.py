@@ -156,17 +156,35 @@ def image_latents(vae, start, end, width, height, length, sizing="crop"):
     return known_frames_y(vae, start[:, :, None], end, length), None
 
 
-def known_frames_y(vae, known, end, length):
+def known_frames_y(vae, known, end, length, fill=None, marked=None):
     """The I2V/FLF2V channel conditioning of a video of `length` frames that starts with the pixel frames `known`
-    [1, 3, n, H, W] (and ends on the image `end` [1, 3, H, W], FLF2V): [mask (1 on the known frames), latent of
-    [known..., zeros..., end]] -> [1, 4 + z, T_lat, h, w]."""
+    [1, 3, n, H, W] (and ends on the image `end` [1, 3, H, W], FLF2V): [mask (1 on the first `marked` frames, default
+    all n known ones), latent of [known..., fill..., end]] -> [1, 4 + z, T_lat, h, w]. fill: an image [1, 3, H, W]
+    repeated over the frames after the known ones (SVI's anchor padding); None: zeros."""
     n = known.shape[2]
     frames = known.new_zeros(1, 3, length, *known.shape[-2:])
     frames[:, :, :n] = known
+    if fill is not None:
+        frames[:, :, n:] = fill.to(frames)[:, :, None]
     if end is not None:
         frames[:, :, -1] = end
     latent = vae.encode(frames)
-    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], last=end is not None, first=n).to(latent)
+    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], last=end is not None,
+                      first=n if marked is None else marked).to(latent)
+    return torch.cat([mask, latent], dim=1)
+
+
+def carried_latents_y(anchor, motion, length):
+    """SVI 2.0 Pro's channel conditioning (the pack's latent carry): [mask (1 on the first frame only), latents
+    [anchor, motion..., zeros...]] -> [1, 4 + z, T_lat, h, w]. anchor: the start image's latent [1, z, 1, h, w]
+    (encoded once); motion: the previous clip's last sampled latent frames [1, z, m, h, w] (None for clip 0); the
+    rest are zeros in the normalised latent space (not the encoding of black frames)."""
+    t_lat = 1 + (length - 1) // 4
+    latent = anchor.new_zeros(*anchor.shape[:2], t_lat, *anchor.shape[-2:])
+    latent[:, :, :1] = anchor
+    if motion is not None:
+        latent[:, :, 1:1 + motion.shape[2]] = motion.to(latent)
+    mask = frame_mask(length, latent.shape[-2], latent.shape[-1], first=1).to(latent)
     return torch.cat([mask, latent], dim=1)
 
 
