@@ -47,14 +47,20 @@ class WanLeanCLIPVisionEncode(WanLeanNode):
 
     @classmethod
     def execute(cls, clip_vision, image):
-        pixels = to_pixels(image, "image")
+        out = comfy.clip_vision.Output()
+        out["penultimate_hidden_states"] = clip_encoder(clip_vision)(to_pixels(image, "image")).to(mm.intermediate_device())
+        return io.NodeOutput(out)
+
+
+def clip_encoder(clip_vision):
+    """pixels [1, 3, H, W] in [-1, 1] -> CLIP tokens [1, 257, 1280] (float32, on the encoder's device), the model
+    loaded through ComfyUI's memory manager at each call."""
+    def encode(pixels):
         model = clip_vision.load()
         with torch.no_grad():
-            tokens = check_finite(model(pixels.to(clip_vision.device, clip_vision.dtype)).float(), "the CLIP vision tokens",
-                                  ENCODER_CAUSE)
-        out = comfy.clip_vision.Output()
-        out["penultimate_hidden_states"] = tokens.to(mm.intermediate_device())
-        return io.NodeOutput(out)
+            return check_finite(model(pixels.to(clip_vision.device, clip_vision.dtype)).float(), "the CLIP vision tokens",
+                                ENCODER_CAUSE)
+    return encode
 
 
 def _tokens(output, name):

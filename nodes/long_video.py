@@ -6,12 +6,14 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..wan_core.conditioning import clip_tokens, fit, to_pixels
-from ..wan_core.long_video import LongJob, clip_prompts, conditioning_kind, count_clips, generate_long
+from ..wan_core.long_video import (CONTINUATIONS, LongJob, clip_prompts, conditioning_kind, continuation_rule,
+                                   count_clips, generate_long)
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from ..wan_core.s2v import WanS2V
-from .common import WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback, errors_named
+from .common import (WanLeanCLIPVision, WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback,
+                     errors_named)
 from .conditioning import encode_prompts
-from .image import _tokens, clip_vision_inputs
+from .image import _tokens, clip_encoder, clip_vision_inputs
 from .s2v import VAEOnDevice
 from .sampler import (cfg_input, check_context, check_experts, check_memory, cond_inputs, low_noise_inputs,
                       make_experts, passes, sampling_inputs, to_cond)
@@ -34,6 +36,24 @@ def check_images(net, start_image, end_image, clip_vision_start, clip_vision_end
                          "clip_vision_start (Wan CLIP Vision Encode of the start image)")
 
 
+def _continuation_inputs():
+    """Added after the first release: optional and last, so that workflows saved before keep their widget values."""
+    return [
+        io.Combo.Input("continuation", options=list(CONTINUATIONS), default="auto", optional=True, tooltip=(
+            "How each clip continues the one before. auto: latent carry for the image-to-video models, pixel for "
+            "the others. pixel: the last frames decoded, re-encoded, cross-faded. latent carry: the last sampled "
+            "latent frames (never decoded) after the start image's latent, as SVI 2.0 Pro builds it. svi 2.0 pro "
+            "(Wan 2.2 I2V-A14B + its SVI Pro LoRAs), svi 2.0 (Wan 2.2 or 2.1 I2V + SVI 2.0 LoRA), svi 1.0 shot / "
+            "film (Wan 2.1 I2V + SVI 1.0 LoRA): exactly as SVI's code, with its seeds (clip k: seed + 42 k).")),
+        io.Boolean.Input("colour_anchor", default=False, optional=True, tooltip=(
+            "Match every clip's brightness, contrast and saturation to clip 0's (hues never move): removes the colour "
+            "creep of long chains; leave off when the scene is meant to change its look.")),
+        WanLeanCLIPVision.Input("clip_vision", optional=True, tooltip=(
+            "Wan 2.1 SVI modes: the CLIP vision model (Wan Load CLIP Vision), to encode each clip's first frame as SVI "
+            "does.")),
+    ]
+
+
 def _video_inputs():
     """The shared sampling inputs with the total length of the video, then the clips' length and overlap."""
     length = io.Int.Input("length", default=233, min=5, max=100000, step=4, tooltip=(
@@ -44,9 +64,10 @@ def _video_inputs():
         io.Int.Input("clip_length", default=81, min=5, max=1025, step=4,
                      tooltip="Frames per clip, 1+4k (81 for Wan 2.1 / A14B, 121 for TI2V-5B)."),
         io.Int.Input("overlap", default=5, min=1, max=509, step=4, tooltip=(
-            "Frames each clip shares with the one before (1+4j, under half a clip): the next clip starts from these "
-            "last frames, and the two renderings of them are cross-faded. 1 carries only the picture, 5 or more also "
-            "the motion.")),
+            "Frames each clip shares with the one before (1+4j, under half a clip). pixel: the next clip starts from "
+            "these last frames, cross-faded (1 carries only the picture, 5+ also the motion); latent carry / svi 2.0 "
+            "pro: (overlap - 1) / 4 latent frames carried, the re-created frames dropped (SVI: 5); svi 2.0 on Wan "
+            "2.2: 1; Wan 2.1 SVI: the frames carried (shot 1, film and svi 2.0: 5).")),
     ]
 
 
@@ -56,8 +77,9 @@ class WanLeanLongVideo(WanLeanNode):
         return cls.schema("WanLeanLongVideo", "Wan Long Video (clips chained)", (
             "A long video in clips, each continuing from the last frames of the one before through the model's own "
             "image path (I2V / FLF2V / I2V-A14B: the I2V mask and latent of those frames; TI2V-5B: those latents at "
-            "timestep 0; T2V: those latents held by inpainting). The shared frames are cross-faded; clip k uses seed "
-            "+ k; one prompt line per clip (optional). Returns the decoded frames."), [
+            "timestep 0; T2V: those latents held by inpainting) and cross-fading the shared frames, or, for the "
+            "image-to-video models, by carrying the last sampled latents (latent carry, SVI 2.0 Pro) or as the SVI "
+            "LoRAs expect (continuation). One prompt line per clip (optional). Returns the decoded frames."), [
             WanLeanModel.Input("model", tooltip="Any Wan model but S2V (A14B: the high-noise expert)."),
             WanLeanVAE.Input("vae", tooltip="The model family's VAE (Wan 2.2 VAE for TI2V-5B, else Wan 2.1)."),
             *cond_inputs("Prompt features (Wan Text Encode): every clip's prompt unless prompts is set. Give images "
@@ -75,12 +97,14 @@ class WanLeanLongVideo(WanLeanNode):
             io.String.Input("prompts", multiline=True, default="", optional=True, tooltip=(
                 "One prompt per line, line k for clip k (the last line holds for the clips after it; more lines than "
                 "clips is refused). Empty: positive for every clip.")),
+            *_continuation_inputs(),
         ], [io.Image.Output(display_name="frames")], progress=True)
 
     @classmethod
     def execute(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                 clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
-                low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts=""):
+                low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts="",
+                continuation="auto", colour_anchor=False, clip_vision=None):
         with errors_named(NODE):
             net = model.patcher.model
             if isinstance(net, WanS2V):
@@ -92,6 +116,7 @@ class WanLeanLongVideo(WanLeanNode):
             check_images(net, start_image, end_image, clip_vision_start, clip_vision_end)
             check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
             clips = count_clips(length, clip_length, overlap)
+            rule = continuation_rule(continuation, kind, getattr(net, "img_emb", None) is not None, overlap)
             plan = [(model, cfg, 0.0)] if low_noise_model is None else \
                 [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first
             check_experts([h for h, *_ in plan])
@@ -99,6 +124,7 @@ class WanLeanLongVideo(WanLeanNode):
             check_memory(model, shape, max(passes(g) for _, g, _ in plan))
             job = cls._job(net, kind, positive, negative, clips, prompts, text_encoder, start_image, end_image,
                            width, height, clip_vision_start, clip_vision_end)
+            job.encode_clip = clip_encoder(clip_vision) if clip_vision is not None else None
             total = clip_length + (clips - 1) * (clip_length - overlap)
             out = torch.empty(total, height, width, 3, dtype=torch.float32, device=mm.intermediate_device())
             callback = clips_step_callback(steps, clips, cls.node_id(), channels, model.device)
@@ -106,7 +132,8 @@ class WanLeanLongVideo(WanLeanNode):
                                    clip_length=clip_length, overlap=overlap, seed=seed, steps=steps, shift=shift,
                                    sampler=sampler, width=width, height=height, channels=channels,
                                    device=model.device, dtype=model.dtype, callback=callback,
-                                   on_clip=lambda *_: mm.throw_exception_if_processing_interrupted())
+                                   on_clip=lambda *_: mm.throw_exception_if_processing_interrupted(), rule=rule,
+                                   colour_anchor=colour_anchor)
             done = 0
             for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
                 out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)

@@ -136,12 +136,11 @@ def start_graph(title, files, defaults):
     return g
 
 
-def model_loader(g, model_file, lora=None, title=None):
-    """Wan Load Diffusion Model, followed by Wan Load LoRA when `lora` is (file, strength)."""
+def model_loader(g, model_file, loras=(), title=None):
+    """Wan Load Diffusion Model, followed by a Wan Load LoRA per entry of `loras`: (file, strength, label)."""
     model = g.add("WanLeanModelLoader", [model_file, "default", "auto", "off"], title=title)
-    if lora:
-        model = g.add("WanLeanLoraLoader", list(lora), title=title and f"{title}: step-distillation LoRA",
-                      model=(model, "model"))
+    for file, strength, label in loras:
+        model = g.add("WanLeanLoraLoader", [file, strength], title=title and f"{title}: {label}", model=(model, "model"))
     return model
 
 
@@ -163,7 +162,7 @@ def t2v(model_file, width, height, title, lora=None):
     g = start_graph(title, [f"diffusion_models/{model_file}", TE, VAE21] + ([f"loras/{lora}"] if lora else []),
                     LIGHTX2V_NOTE.format("T2V-14B") if lora else
                     "Official defaults: 50 UniPC steps, shift 5, guidance 5, 81 frames at 16 fps.")
-    model = model_loader(g, model_file, lora and (lora, 1.0))
+    model = model_loader(g, model_file, [(lora, 1.0, "step-distillation LoRA")] if lora else ())
     enc, vae = text_side(g, PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     head = LIGHTX2V_SAMPLER if lora else [0, "fixed", 50, 5.0, 5.0, "unipc"]
     s = sampler(g, "WanLeanSampler", head, (width, height, 81),
@@ -196,7 +195,7 @@ def i2v_21(model_file, width, height, steps, shift, title, flf=False, lora=None)
     g = start_graph(title, files + ([f"loras/{lora}"] if lora else []),
                     LIGHTX2V_NOTE.format("I2V-14B-480P") if lora else
                     f"Official defaults: {steps} UniPC steps, shift {shift}, guidance 5, 81 frames at 16 fps.")
-    model = model_loader(g, model_file, lora and (lora, 1.0))
+    model = model_loader(g, model_file, [(lora, 1.0, "step-distillation LoRA")] if lora else ())
     enc = text_side(g, I2V_PROMPT, FLF2V_NEGATIVE_PROMPT if flf else I2V_NEGATIVE_PROMPT)
     vae = g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     clip = g.add("WanLeanCLIPVisionLoader", ["clip_vision_h.safetensors"])
@@ -224,7 +223,7 @@ def a14b(kind, cfgs, shift, boundary, title, distilled=False):
     loras = [LIGHTNING[kind].format(n) for n in ("high", "low")] if distilled else [None, None]
     g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21] + [f"loras/{f}" for f in loras if f],
                     a14b_note(kind, cfgs, shift, boundary, distilled))
-    high, low = (model_loader(g, f, lora and (lora, 1.0), title=t)
+    high, low = (model_loader(g, f, [(lora, 1.0, "step-distillation LoRA")] if lora else (), title=t)
                  for f, lora, t in zip(files, loras, ("High-noise expert", "Low-noise expert")))
     enc, vae = text_side(g, PROMPT if kind == "t2v" else I2V_PROMPT), g.add("WanLeanVAELoader", ["wan_2.1_vae.safetensors"])
     if kind == "i2v":
@@ -241,24 +240,35 @@ LONG_PROMPTS = ("A cat walks on the grass towards a wooden fence, realistic styl
                 "The cat sits on the fence at sunset, warm light, gentle breeze in the grass.")
 
 
-def a14b_long_note(shift, cfgs, boundary, distilled):
+def a14b_long_note(shift, cfgs, boundary, distilled, kind):
     per_clip = ("4 steps with the Wan2.2-Lightning LoRAs (one per expert, strength 1), cfg 1 / 1 (no negative pass), "
                 "shift 5, euler-distilled" if distilled else
                 f"Official per-clip defaults: 40 UniPC steps, shift {shift}, guidance {cfgs[0]} / {cfgs[1]}")
-    return (f"{per_clip}, expert switch at {boundary}x1000. 3 clips of 81 frames, each continuing from the last 5 "
-            "frames of the one before (cross-faded): 233 frames, about 15 s at 16 fps. length must be 81 + (clips - 1) "
-            "x 76.")
+    how = ("each continuing from the last sampled latent frame of the one before (continuation auto = latent carry: "
+           "never decoded in between; the 5 frames a clip re-creates are dropped)" if kind == "i2v" else
+           "each continuing from the last 5 frames of the one before (cross-faded)")
+    return (f"{per_clip}, expert switch at {boundary}x1000. 3 clips of 81 frames, {how}: 233 frames, about 15 s at "
+            "16 fps. length must be 81 + (clips - 1) x 76.")
 
 
 def a14b_long(kind, cfgs, shift, boundary, title, distilled=False):
     """Wan 2.2 A14B long video: Wan Long Video with both experts, 3 clips of 81 frames at 832x480 (overlap 5);
     T2V with one prompt line per clip; `distilled`: the 4-step Lightning preset on each clip."""
+    loras = [[(LIGHTNING[kind].format(n), 1.0, "step-distillation LoRA")] if distilled else [] for n in ("high", "low")]
+    head = [0, "fixed", 4, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, cfgs[0], shift, "unipc"]
+    return long_graph(kind, title, loras, a14b_long_note(shift, cfgs, boundary, distilled, kind),
+                      [*head, 832, 480, 233, 81, 5, 1.0 if distilled else cfgs[1], boundary], ["auto", False],
+                      f"wan/{kind}_a14b_long" + ("_4step" if distilled else ""))
+
+
+def long_graph(kind, title, loras, defaults, widgets, continuation, prefix):
+    """Wan Long Video on the A14B experts (each with its `loras`: (file, strength, label)): its widgets before
+    prompts, then the continuation widgets; T2V gets one prompt line per clip, I2V the example start image."""
     files = [f"wan2.2_{kind}_high_noise_14B_fp16.safetensors", f"wan2.2_{kind}_low_noise_14B_fp16.safetensors"]
-    loras = [LIGHTNING[kind].format(n) for n in ("high", "low")] if distilled else [None, None]
-    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21] + [f"loras/{f}" for f in loras if f],
-                    a14b_long_note(shift, cfgs, boundary, distilled))
-    high, low = (model_loader(g, f, lora and (lora, 1.0), title=t)
-                 for f, lora, t in zip(files, loras, ("High-noise expert", "Low-noise expert")))
+    lora_files = [f"loras/{f}" for chain in loras for f, *_ in chain]
+    g = start_graph(title, [f"diffusion_models/{f}" for f in files] + [TE, VAE21] + lora_files, defaults)
+    high, low = (model_loader(g, f, chain, title=t)
+                 for f, chain, t in zip(files, loras, ("High-noise expert", "Low-noise expert")))
     te = g.add("WanLeanTextEncoderLoader", ["umt5_xxl_fp16.safetensors"])
     enc = g.add("WanLeanTextEncode", [PROMPT if kind == "t2v" else I2V_PROMPT, OFFICIAL_NEGATIVE_PROMPT],
                 text_encoder=(te, "text_encoder"))
@@ -271,12 +281,34 @@ def a14b_long(kind, cfgs, shift, boundary, title, distilled=False):
     else:
         links["text_encoder"], prompts = (te, "text_encoder"), "\n".join(LONG_PROMPTS)
     g.card["size"] = (832, 480, "3 x 81-frame clips")
-    head = [0, "fixed", 4, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, cfgs[0], shift, "unipc"]
-    s = g.add("WanLeanLongVideo", [*head, 832, 480, 233, 81, 5, 1.0 if distilled else cfgs[1], boundary, prompts],
-              **links)
-    g.add("WanLeanSaveVideo", [16, f"wan/{kind}_a14b_long" + ("_4step" if distilled else ""), 19], frames=(s, "frames"))
+    s = g.add("WanLeanLongVideo", [*widgets, prompts, *continuation], **links)
+    g.add("WanLeanSaveVideo", [16, prefix, 19], frames=(s, "frames"))
     g.card["fps"] = 16
     return g
+
+
+# Stable-Video-Infinity 2.0 Pro's LoRAs (vita-video-gen/svi-model version-2.0, their published names)
+SVI_PRO = "SVI_Wan2.2-I2V-A14B_{}_noise_lora_v2.0_pro.safetensors"
+
+
+def svi_pro_long(distilled=False):
+    """Wan 2.2 I2V-A14B + the SVI 2.0 Pro LoRAs, continuation 'svi 2.0 pro', 3 clips: SVI's own settings
+    (inference_svi_2.0_pro.py: 50 steps of its Euler flow-matching solver, shift 5, cfg 5, expert switch below
+    t = 875, 832x480, seeds clip x 42 = seed 0 here) or the 4-step form (+ the Lightning LoRAs, cfg 1)."""
+    chains = [[(SVI_PRO.format(n), 1.0, "SVI 2.0 Pro LoRA")] +
+              ([(LIGHTNING["i2v"].format(n), 1.0, "step-distillation LoRA")] if distilled else []) for n in ("high", "low")]
+    head = [0, "fixed", 4, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 50, 5.0, 5.0, "euler"]
+    cfg_low = 1.0 if distilled else 5.0
+    settings = ("4 steps with the Lightning LoRAs after the SVI ones (strength 1 each), cfg 1 / 1 (SVI suggests 1-2 "
+                "with Lightning; expect slower motion), shift 5, euler-distilled" if distilled else
+                "SVI's settings: 50 Euler steps, shift 5, cfg 5 / 5 (its README example: 4), 832x480")
+    note = (f"{settings}, expert switch at 0.875x1000. continuation 'svi 2.0 pro': slot 0 the start image's latent, "
+            "slot 1 the previous clip's last sampled latent, zeros after; clip k seeded seed + 42 k (seed 0 = SVI's "
+            "own seeds); clip 0 whole, every later clip without its first 5 frames: 81 + (clips - 1) x 76 frames, "
+            "233 = 3 clips, about 15 s at 16 fps.")
+    return long_graph("i2v", "Wan 2.2 I2V-A14B, SVI 2.0 Pro long video" + (" (4 steps)" if distilled else ""), chains,
+                      note, [*head, 832, 480, 233, 81, 5, cfg_low, 0.875], ["svi 2.0 pro", False],
+                      "wan/i2v_a14b_svi_pro_long" + ("_4step" if distilled else ""))
 
 
 def ti2v(with_image):
@@ -343,6 +375,8 @@ WORKFLOWS = {
                                                 "Wan 2.2 T2V-A14B, long video (4 steps, Lightning LoRAs)", distilled=True),
     "wan22_i2v_a14b_long_4step.json": a14b_long("i2v", (1.0, 1.0), 5.0, 0.9,
                                                 "Wan 2.2 I2V-A14B, long video (4 steps, Lightning LoRAs)", distilled=True),
+    "wan22_i2v_a14b_svi_pro_long.json": svi_pro_long(),
+    "wan22_i2v_a14b_svi_pro_long_4step.json": svi_pro_long(distilled=True),
     "wan22_ti2v_5b_t2v.json": ti2v(False),
     "wan22_ti2v_5b_i2v.json": ti2v(True),
     "wan22_s2v.json": s2v("Wan 2.2 S2V-14B (image + speech, one clip)"),

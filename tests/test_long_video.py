@@ -150,17 +150,21 @@ def run_in_process(api, classes, load_image):
     return value
 
 
-@pytest.mark.parametrize("workflow", ["wan22_i2v_a14b_long.json", "wan22_t2v_a14b_long.json"])
+@pytest.mark.parametrize("workflow", ["wan22_i2v_a14b_svi_pro_long.json", "wan22_i2v_a14b_long.json",
+                                      "wan22_t2v_a14b_long.json"])
 def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypatch):
-    """The bundled A14B long-video workflow, 3 clips, through a real ComfyUI server (frames saved as PNG); the same
-    graph in this process through the pack's node classes gives the same frames, and there every clip k+1 was
-    conditioned on exactly clip k's last `overlap` decoded frames: the I2V channels (I2V-A14B) or the pinned latents
-    (T2V-A14B, whose clips also get their own prompt line)."""
+    """A bundled A14B long-video workflow, 3 clips, through a real ComfyUI server (frames saved as PNG); the same
+    graph in this process through the pack's node classes gives the same frames, and there: SVI 2.0 Pro (with its
+    LoRAs) and the I2V default (latent carry) condition every clip k+1 on clip k's last sampled latent frame bit for
+    bit, with one VAE encode in the whole run (the anchor), y equal to SVI's construction; T2V-A14B on exactly clip
+    k's last `overlap` decoded frames as pinned latents, a prompt line per clip. The frames are the clips joined as
+    the mode's reference joins them."""
     import json
 
     import numpy as np
     from PIL import Image
 
+    import official_svi as ref
     from conftest import ROOT, SMOKE_INPUT
     from run_workflow import shrink
     from test_lora import pack_module
@@ -177,11 +181,11 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
     served = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in pngs])
     assert served.shape == (SERVER_SIZE["length"], 64, 64, 3)
 
-    mods = [pack_module(m) for m in ("loaders", "conditioning", "long_video")]
+    mods = [pack_module(m) for m in ("loaders", "conditioning", "lora", "long_video")]
     lv = mods[-1]
     classes = {node.GET_SCHEMA().node_id: node for m in mods for node in m.NODES}
     import folder_paths
-    for kind in ("diffusion_models", "vae", "text_encoders"):
+    for kind in ("diffusion_models", "vae", "text_encoders", "loras"):
         monkeypatch.setitem(folder_paths.folder_names_and_paths, kind,
                             ([os.path.join(smoke_models, kind)], folder_paths.folder_names_and_paths[kind][1]))
     vaes, conds, real_long = [], [], lv.generate_long
@@ -196,23 +200,30 @@ def test_three_clips_through_the_server(server, smoke_models, workflow, monkeypa
     image = lambda name: torch.from_numpy(np.asarray(Image.open(os.path.join(SMOKE_INPUT, name)).convert("RGB"),  # noqa: E731
                                                      dtype=np.float32) / 255)[None]
     frames, = run_in_process(api, classes, image)(long_id)
-    ref = np.clip(255.0 * frames.numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes them
-    diff = np.abs(ref.astype(int) - served.astype(int))
+    out = np.clip(255.0 * frames.numpy(), 0, 255).astype(np.uint8)  # as SaveImage writes them
+    diff = np.abs(out.astype(int) - served.astype(int))
     assert diff.max() <= 1 and diff.mean() < 0.05, (diff.max(), diff.mean())  # the server ran this very computation
     assert frames.std() > 0.01 and torch.isfinite(frames).all()
 
     vae, = vaes
-    first = 1 if "i2v" in workflow else 0  # the T2V workflow has no start image: clip 0 encodes nothing
-    assert len(conds) == 3 and len(vae.decoded) == 3 and len(vae.encoded) == 2 + first
-    for k in (1, 2):
-        known, latent = vae.encoded[k - 1 + first]
-        assert torch.equal(known[:, :, :OVERLAP], vae.decoded[k - 1][1][:, :, -OVERLAP:])  # bit for bit
-        if "i2v" in workflow:
-            mask = frame_mask(CLIP, latent.shape[-2], latent.shape[-1], first=OVERLAP).to(latent)
-            assert torch.equal(conds[k].y, torch.cat([mask, latent], dim=1))
-        else:
+    clips = [((d[0].float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0) for _, d in vae.decoded]
+    assert len(conds) == 3 and len(vae.decoded) == 3
+    if "i2v" in workflow:
+        assert len(vae.encoded) == 1  # the anchor; nothing decoded is ever encoded again
+        sampled = [z for z, _ in vae.decoded]
+        for k in range(3):
+            encode = lambda videos: torch.cat([vae.vae.encode(v[None]) for v in videos])  # noqa: E731
+            expect = ref.svi_pro_y(encode, vae.encoded[0][0][0, :, 0], sampled[k - 1][0] if k else None, CLIP, 64, 64)
+            assert torch.equal(conds[k].y, expect.to(conds[k].y)), k
+            if k:
+                assert torch.equal(conds[k].y[:, 4:, 1], sampled[k - 1][:, :, -1])
+        assert torch.equal(frames, torch.cat([clips[0]] + [c[OVERLAP:] for c in clips[1:]]))
+    else:
+        assert len(vae.encoded) == 2
+        for k in (1, 2):
+            known, latent = vae.encoded[k - 1]
+            assert torch.equal(known[:, :, :OVERLAP], vae.decoded[k - 1][1][:, :, -OVERLAP:])  # bit for bit
             assert conds[k].pinned is latent and torch.equal(vae.decoded[k][0][:, :, :latent.shape[2]], latent)
-    if "t2v" in workflow:  # one prompt line per clip
         assert not torch.equal(conds[0].context, conds[1].context) and not torch.equal(conds[1].context, conds[2].context)
 
 

@@ -145,6 +145,7 @@ def test_format_key_names():
         "condition_embedder.image_embedder.norm2", "condition_embedder.image_embedder.pos_embed"]
     assert {"lora_unet_blocks_0_self_attn_q.lora_down.weight", "lora_unet_blocks_1_ffn_2.alpha"} <= names["kohya"]
     assert {"diffusion_model.blocks.0.cross_attn.v_img.lora_B.weight"} <= names["peft"]
+    assert {"blocks.0.self_attn.q.lora_A.default.weight", "blocks.1.ffn.2.lora_B.default.weight"} <= names["diffsynth"]
     assert {"diffusion_model.blocks.0.modulation.diff", "diffusion_model.head.head.diff",
             "diffusion_model.blocks.0.self_attn.norm_k.diff", "diffusion_model.blocks.0.norm3.diff_b"} <= names["lightx2v"]
 
