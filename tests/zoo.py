@@ -29,7 +29,8 @@ Where each layout comes from (read in the code that writes or reads the real fil
   `alpha`, full `.diff` for norms/modulations and `.diff_b` for biases; Wan2.2-Lightning: `diffusion_model.` +
   `lora_A`/`lora_B` + `alpha`; CausVid (Kijai): `lora_down`/`lora_up` + `alpha`; musubi-tuner: kohya names
   `lora_unet_blocks_0_self_attn_q` + `alpha` + `ss_*` metadata; diffusers trainers: `transformer.blocks.0.attn1.to_q`
-  + `lora_A`/`lora_B`, no alpha.
+  + `lora_A`/`lora_B`, no alpha; DiffSynth-Studio (Stable-Video-Infinity's LoRAs): PEFT adapter names without prefix,
+  `blocks.0.self_attn.q.lora_A.default.weight`, no alpha, attention q/k/v/o and ffn.0/ffn.2 only.
 
 Files go to `.smoke/models/<folder>/zoo/` (so the shared test server lists them as `zoo/<name>`), the fp32 originals
 to `.smoke/models/<folder>/zoo/reference/`.
@@ -37,6 +38,7 @@ to `.smoke/models/<folder>/zoo/reference/`.
 import functools
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
@@ -234,6 +236,16 @@ ZOO = [
         server=True),
     Row("pytorch_lora_weights.safetensors", "loras", "diffusers trainer", "t2v-1.3B", "diffusers", "fp32", rank=8,
         server=True),
+    # Stable-Video-Infinity's LoRAs (vita-video-gen/svi-model: version-2.0 and version-1.0) for Wan Long Video's SVI
+    # continuations, and Kijai's ComfyUI repack of the 2.0 Pro pair
+    *[Row(f"SVI_Wan2.2-I2V-A14B_{n}_noise_lora_v2.0{v}.safetensors", "loras", "SVI (DiffSynth-Studio)",
+          f"i2v-A14B-{n}", "diffsynth", "bf16", rank=128, server=(n, v) == ("high", "_pro"))
+      for v in ("_pro", "") for n in ("high", "low")],
+    *[Row(f"SVI_v2_PRO_Wan2.2-I2V-A14B_{n.upper()}_lora_rank_128_fp16.safetensors", "loras", "Kijai (SVI 2.0 Pro)",
+          f"i2v-A14B-{n}", "causvid", "fp16", rank=128) for n in ("high", "low")],
+    *[Row(name, "loras", "SVI (DiffSynth-Studio)", "i2v-480p", "diffsynth", "bf16", rank=128)
+      for name in ("SVI_Wan2.1-I2V-14B_lora_v2.0.safetensors", "svi-shot.safetensors",
+                   "svi-film-opt-10212025.safetensors")],
 ]
 
 
@@ -403,8 +415,8 @@ def lora_tensors(row, sd, dtype=None):
     row's key layout and dtype; dtype fp32 gives the reference factors."""
     dtype = dtype or {"bf16": BF16, "fp16": FP16, "fp32": FP32}[row.precision]
     fmt = {"lightx2v": "lightx2v", "lightning": "comfy", "causvid": "comfy", "musubi": "kohya",
-           "diffusers": "diffusers"}[row.layout]
-    lora = smoke_lora(sd, fmt, rank=row.rank, seed=row.rank, std=0.2 / row.rank ** 0.5, dtype=dtype)
+           "diffusers": "diffusers", "diffsynth": "diffsynth"}[row.layout]
+    lora = smoke_lora(lora_targets(row, sd), fmt, rank=row.rank, seed=row.rank, std=0.2 / row.rank ** 0.5, dtype=dtype)
     if row.layout == "lightning":  # PEFT factor names, alpha kept
         lora = {k.replace(".lora_up.", ".lora_B.").replace(".lora_down.", ".lora_A."): v for k, v in lora.items()}
     return lora
@@ -415,7 +427,16 @@ def reference_lora(row, sd):
     what the test merges by hand."""
     ref = Row(row.name, row.folder, row.publisher, row.model, "lightx2v" if row.layout == "lightx2v" else "causvid",
               "fp32", rank=row.rank)
-    return lora_tensors(ref, sd, FP32)
+    return lora_tensors(ref, lora_targets(row, sd), FP32)
+
+
+# DiffSynth-Studio's LoRA training (SVI's scripts: --lora_target_modules "q,k,v,o,ffn.0,ffn.2") adapts these only
+DIFFSYNTH_TARGETS = re.compile(r"blocks\.\d+\.((self|cross)_attn\.[qkvo]|ffn\.[02])\.weight")
+
+
+def lora_targets(row, sd):
+    """The weights a row's trainer adapts: the DiT's attention and FFN Linears for DiffSynth, all others else."""
+    return {k: v for k, v in sd.items() if DIFFSYNTH_TARGETS.fullmatch(k)} if row.layout == "diffsynth" else sd
 
 
 LORA_METADATA = {

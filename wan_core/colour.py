@@ -9,7 +9,8 @@ The correction works in full-range BT.601 YCbCr of the [-1, 1] RGB frames, where
 A drift of that form (luma gain and offset, saturation gain) is undone exactly; a clip whose statistics equal clip 0's
 comes out unchanged up to float rounding. Hue drift (a tint) is deliberately not corrected: undoing it needs chroma
 offsets, which move hues of every pixel, including the ones the scene really changed.
-Statistics are over all pixels of all frames of the clip as decoded.
+Statistics are over all pixels of the frames of the clip that the video keeps (long_video.kept_frames: not the ones
+a join drops, such as the start image SVI 2.0 Pro re-creates at the head of every clip).
 """
 import torch
 
@@ -33,9 +34,10 @@ def colour_stats(frames):
     return y.mean().item(), y.std(unbiased=False).item(), chroma.pow(2).sum(0).mean().sqrt().item()
 
 
-def match_colour(frames, reference):
-    """frames [3, T, H, W] with their luma mean / std and chroma rms mapped to `reference` (colour_stats of clip 0)."""
-    mean, std, rms = colour_stats(frames)
+def match_colour(frames, reference, stats=None):
+    """frames [3, T, H, W] with their luma mean / std and chroma rms (`stats`, default colour_stats(frames)) mapped
+    to `reference` (colour_stats of clip 0)."""
+    mean, std, rms = stats or colour_stats(frames)
     mean0, std0, rms0 = reference
     ycc = _mix(_TO_YCC, frames)
     gain = std0 / std if std > EPS and std0 > EPS else 1.0

@@ -27,7 +27,8 @@ each continuing the one before. How clip k+1 continues clip k is a `continuation
   frames (the next clip re-creates them).
 `overlap` is 1 + 4j frames, so the known frames fill exactly the first 1 + j latent frames of the new clip. The SVI
 modes seed clip k with seed + 42 k (the references use k x 42: seed 0 reproduces them), the others with seed + k.
-Colour anchoring (colour.py), when on, maps each clip's colour statistics to clip 0's before the join.
+Colour anchoring (colour.py), when on, maps each clip's colour statistics (over the frames the join keeps) to clip
+0's before the join.
 
 Memory: one clip's latent and conditioning on the device; finished frames are yielded (to the CPU) as soon as no later
 clip can change them; only the last `overlap` frames (or motion latents) are held back.
@@ -196,6 +197,13 @@ def join_clip(join, frames, k, last, tail, overlap):
     return chunks, None if last else frames[:, -overlap:].clone()
 
 
+def kept_frames(join, frames, k, last, overlap):
+    """The frames of clip k [3, T, H, W] that the join keeps whole or blends (what colour anchoring measures)."""
+    if join == "drop head" and k > 0:
+        return frames[:, overlap:]
+    return frames[:, :-overlap] if join == "drop tail" and not last else frames
+
+
 def _check_job(job, rule):
     if job.kind not in KINDS:
         raise ValueError(f"unknown conditioning kind {job.kind!r}, expected one of {KINDS}")
@@ -242,8 +250,9 @@ def generate_long(experts, vae, job: LongJob, *, clips, clip_length, overlap, se
         frames = video[0].float().cpu()
         del video
         if colour_anchor:
-            reference = reference or colour_stats(frames)
-            frames = frames if k == 0 else match_colour(frames, reference)
+            stats = colour_stats(kept_frames(rule.join, frames, k, k == clips - 1, overlap))
+            reference = reference or stats
+            frames = frames if k == 0 else match_colour(frames, reference, stats)
         chunks, tail = join_clip(rule.join, frames, k, k == clips - 1, tail, overlap)
         del frames
         yield from chunks
