@@ -239,7 +239,7 @@ ZOO = [
     # Stable-Video-Infinity's LoRAs (vita-video-gen/svi-model: version-2.0 and version-1.0) for Wan Long Video's SVI
     # continuations, and Kijai's ComfyUI repack of the 2.0 Pro pair
     *[Row(f"SVI_Wan2.2-I2V-A14B_{n}_noise_lora_v2.0{v}.safetensors", "loras", "SVI (DiffSynth-Studio)",
-          f"i2v-A14B-{n}", "diffsynth", "bf16", rank=128, server=(n, v) == ("high", "_pro"))
+          f"i2v-A14B-{n}", "diffsynth", "bf16", rank=128)
       for v in ("_pro", "") for n in ("high", "low")],
     *[Row(f"SVI_v2_PRO_Wan2.2-I2V-A14B_{n.upper()}_lora_rank_128_fp16.safetensors", "loras", "Kijai (SVI 2.0 Pro)",
           f"i2v-A14B-{n}", "causvid", "fp16", rank=128) for n in ("high", "low")],
