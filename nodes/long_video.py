@@ -6,8 +6,8 @@ import comfy.model_management as mm
 from comfy_api.latest import io
 
 from ..wan_core.conditioning import clip_tokens, fit, to_pixels
-from ..wan_core.long_video import (CONTINUATIONS, LongJob, clip_prompts, conditioning_kind, continuation_rule,
-                                   count_clips, generate_long)
+from ..wan_core.long_video import (CONTINUATIONS, JOINS, LongJob, clip_prompts, conditioning_kind,
+                                   continuation_rule, count_clips, generate_long, join_of)
 from ..wan_core.pipeline import check_video_size, latent_shape, spatial_stride
 from ..wan_core.s2v import WanS2V
 from .common import (WanLeanCLIPVision, WanLeanNode, WanLeanModel, WanLeanTextEncoder, WanLeanVAE, clips_step_callback,
@@ -48,6 +48,10 @@ def _continuation_inputs():
         io.Boolean.Input("colour_anchor", default=False, optional=True, tooltip=(
             "Match every clip's brightness, contrast and saturation to clip 0's (hues never move): removes the colour "
             "creep of long chains; leave off when the scene is meant to change its look.")),
+        io.Combo.Input("join", options=list(JOINS), default="auto", optional=True, tooltip=(
+            "How the frames two clips share are joined. auto: as the continuation's reference (pixel: cross-fade; "
+            "latent carry / SVI: cut). cut: one rendering kept (pixel: the earlier clip's). cross-fade: both blended "
+            "(latent carry: the re-created motion frames, the start image's frame dropped).")),
         WanLeanCLIPVision.Input("clip_vision", optional=True, tooltip=(
             "Wan 2.1 SVI modes: the CLIP vision model (Wan Load CLIP Vision), to encode each clip's first frame as SVI "
             "does.")),
@@ -104,7 +108,7 @@ class WanLeanLongVideo(WanLeanNode):
     def execute(cls, model, vae, positive, negative, seed, steps, cfg, shift, sampler, width, height, length,
                 clip_length, overlap, start_image=None, end_image=None, clip_vision_start=None, clip_vision_end=None,
                 low_noise_model=None, cfg_low_noise=3.0, boundary=0.875, text_encoder=None, prompts="",
-                continuation="auto", colour_anchor=False, clip_vision=None):
+                continuation="auto", colour_anchor=False, join="auto", clip_vision=None):
         with errors_named(NODE):
             net = model.patcher.model
             if isinstance(net, WanS2V):
@@ -117,6 +121,7 @@ class WanLeanLongVideo(WanLeanNode):
             check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
             clips = count_clips(length, clip_length, overlap)
             rule = continuation_rule(continuation, kind, getattr(net, "img_emb", None) is not None, overlap)
+            join_of(rule, join)  # checked before anything runs
             plan = [(model, cfg, 0.0)] if low_noise_model is None else \
                 [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first
             check_experts([h for h, *_ in plan])
@@ -133,7 +138,7 @@ class WanLeanLongVideo(WanLeanNode):
                                    sampler=sampler, width=width, height=height, channels=channels,
                                    device=model.device, dtype=model.dtype, callback=callback,
                                    on_clip=lambda *_: mm.throw_exception_if_processing_interrupted(), rule=rule,
-                                   colour_anchor=colour_anchor)
+                                   colour_anchor=colour_anchor, join=join)
             done = 0
             for chunk in frames:  # [3, n, H, W] in [-1, 1] -> IMAGE rows, as each clip finishes
                 out[done:done + chunk.shape[1]] = ((chunk.clamp(-1, 1) + 1) / 2).permute(1, 2, 3, 0)

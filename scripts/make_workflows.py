@@ -257,7 +257,7 @@ def a14b_long(kind, cfgs, shift, boundary, title, distilled=False):
     loras = [[(LIGHTNING[kind].format(n), 1.0, "step-distillation LoRA")] if distilled else [] for n in ("high", "low")]
     head = [0, "fixed", 4, 1.0, 5.0, "euler-distilled"] if distilled else [0, "fixed", 40, cfgs[0], shift, "unipc"]
     return long_graph(kind, title, loras, a14b_long_note(shift, cfgs, boundary, distilled, kind),
-                      [*head, 832, 480, 233, 81, 5, 1.0 if distilled else cfgs[1], boundary], ["auto", False],
+                      [*head, 832, 480, 233, 81, 5, 1.0 if distilled else cfgs[1], boundary], ["auto", False, "auto"],
                       f"wan/{kind}_a14b_long" + ("_4step" if distilled else ""))
 
 
@@ -307,7 +307,7 @@ def svi_pro_long(distilled=False):
             "own seeds); clip 0 whole, every later clip without its first 5 frames: 81 + (clips - 1) x 76 frames, "
             "233 = 3 clips, about 15 s at 16 fps.")
     return long_graph("i2v", "Wan 2.2 I2V-A14B, SVI 2.0 Pro long video" + (" (4 steps)" if distilled else ""), chains,
-                      note, [*head, 832, 480, 233, 81, 5, cfg_low, 0.875], ["svi 2.0 pro", False],
+                      note, [*head, 832, 480, 233, 81, 5, cfg_low, 0.875], ["svi 2.0 pro", False, "auto"],
                       "wan/i2v_a14b_svi_pro_long" + ("_4step" if distilled else ""))
 
 

@@ -10,7 +10,7 @@ from fixtures.smoke import CLIP_TINY, VAE_TINY, randomize_
 from test_long_video import RecordingVAE
 from wan_core.colour import colour_stats, match_colour
 from wan_core.dit import WanDiT
-from wan_core.long_video import LongJob, continuation_rule, generate_long
+from wan_core.long_video import LongJob, PIXEL, continuation_rule, cross_fade, generate_long, join_clip, join_of
 from wan_core.pipeline import Expert, initial_noise
 from wan_core.vae import WanVAE21
 
@@ -48,7 +48,7 @@ def ref_matrix():
                         dtype=torch.float64)
 
 
-def run_mode(mode, wan21=False, clips=3, clip=13, overlap=5, seed=0, colour=False, vae_drift=None):
+def run_mode(mode, wan21=False, clips=3, clip=13, overlap=5, seed=0, colour=False, vae_drift=None, join="auto"):
     """generate_long on a tiny I2V DiT (wan21: with CLIP, as Wan 2.1 I2V; else as Wan 2.2 I2V-A14B) and the smoke
     VAE; returns (frames [3, T, H, W], conds, recording VAE, job, the model's inputs, CLIP encoder calls)."""
     g = torch.Generator().manual_seed(7)
@@ -71,7 +71,7 @@ def run_mode(mode, wan21=False, clips=3, clip=13, overlap=5, seed=0, colour=Fals
     rule = continuation_rule(mode, "image", wan21, overlap)
     chunks = list(generate_long([Expert(lambda: model, cfg=2.0)], vae, job, clips=clips, clip_length=clip,
                                 overlap=overlap, seed=seed, steps=2, shift=5.0, sampler="unipc", width=W, height=H,
-                                on_clip=lambda k, n, c: conds.append(c), rule=rule, colour_anchor=colour))
+                                on_clip=lambda k, n, c: conds.append(c), rule=rule, colour_anchor=colour, join=join))
     return torch.cat(chunks, dim=1), conds, vae, job, inputs, clip_calls
 
 
@@ -156,6 +156,35 @@ def test_svi_wan21_conditioning_equals_the_reference(mode, overlap, pad):
     assert torch.equal(conds[0].y, first_y) and torch.equal(conds[0].clip, first_tokens)
     assert torch.equal(video, ref.join("wan21", decoded, overlap))
     assert video.shape[1] == 13 + 2 * (13 - overlap)
+
+
+def test_join_choices():
+    """join: auto is the mode's reference; cut on the pixel path keeps each clip's first rendering of the overlap;
+    cross-fade on latent carry drops the start image's frame at each clip's head and blends the 4 re-created frames
+    with the previous clip's last 4 -- the same frame count every way."""
+    svi = continuation_rule("svi 2.0 pro", "image", False, 5)
+    assert [join_of(PIXEL, c) for c in ("auto", "cut", "cross-fade")] == ["blend", "drop head", "blend"]
+    assert [join_of(svi, c) for c in ("auto", "cut", "cross-fade")] == ["drop head", "drop head", "blend"]
+    with pytest.raises(ValueError, match="join must be one of"):
+        join_of(svi, "splice")
+    clips = [torch.full((3, 13, 2, 2), float(k)) + torch.arange(13.0).view(1, 13, 1, 1) / 100 for k in range(3)]
+
+    def joined(join, skip):
+        out, tail = [], None
+        for k, c in enumerate(clips):
+            chunks, tail = join_clip(join, c, k, k == 2, tail, 5, skip)
+            out += chunks
+        return torch.cat(out, dim=1)
+    fade = joined("blend", 1)
+    expect = torch.cat([clips[0][:, :9], cross_fade(clips[0][:, 9:], clips[1][:, 1:5]), clips[1][:, 5:9],
+                        cross_fade(clips[1][:, 9:], clips[2][:, 1:5]), clips[2][:, 5:]], dim=1)
+    assert torch.equal(fade, expect) and fade.shape[1] == joined("drop head", 0).shape[1] == 13 + 2 * 8
+    assert torch.equal(joined("drop head", 0), torch.cat([clips[0], clips[1][:, 5:], clips[2][:, 5:]], dim=1))
+    video, _, vae, *_ = run_mode("latent carry", join="cross-fade")
+    decoded = [d[0] for _, d in vae.decoded]
+    assert torch.equal(video, torch.cat([decoded[0][:, :9], cross_fade(decoded[0][:, 9:], decoded[1][:, 1:5]),
+                                         decoded[1][:, 5:9], cross_fade(decoded[1][:, 9:], decoded[2][:, 1:5]),
+                                         decoded[2][:, 5:]], dim=1))
 
 
 def test_continuation_refusals():

@@ -57,7 +57,7 @@ def loading_view(node, entry):
 # inputs added since the snapshot: optional, appended after every older input, so that a workflow saved before
 # (positional widgets_values) keeps its values and the new input takes its default
 ADDED_SINCE_V1 = [("WanLeanParallelSampler", "seed_mode"), ("WanLeanLongVideo", "continuation"),
-                  ("WanLeanLongVideo", "colour_anchor"), ("WanLeanLongVideo", "clip_vision")]
+                  ("WanLeanLongVideo", "colour_anchor"), ("WanLeanLongVideo", "join"), ("WanLeanLongVideo", "clip_vision")]
 # words only (no effect on loading): tooltips and descriptions rewritten since, where the behaviour they describe grew
 REWORDED_SINCE_V1 = {("WanLeanLongVideo", "overlap"), ("WanLeanLongVideo", None)}
 

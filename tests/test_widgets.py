@@ -213,6 +213,8 @@ EFFECTS = {
                              "seed_mode": "comfy | official", "sizing": "crop | official"},
     "WanLeanLongVideo": {**SAMPLING, **A14B_EXPERTS, "length": BOUNDS, "cfg": BOUNDS, "clip_length": BOUNDS,
                          "overlap": BOUNDS, "prompts": "default | other", "colour_anchor": "True | False",
+                         "join": ("auto = cross-fade | cut", "the widget graph is T2V-A14B (pixel), whose reference "
+                                                            "join is the cross-fade"),
                          "continuation": ("auto = pixel | latent carry | svi 2.0 pro | svi 2.0 | svi 1.0 shot | "
                                           "svi 1.0 film", "the widget graph is T2V-A14B, where auto is pixel; the "
                                                           "others are refused there (image models only)")},

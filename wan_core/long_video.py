@@ -25,6 +25,8 @@ each continuing the one before. How clip k+1 continues clip k is a `continuation
   VAE([the last `overlap` frames (8-bit), padding])], padding the anchor image repeated (svi 2.0, shot) or zeros
   (film); the CLIP tokens are those of each clip's first frame; every clip but the last loses its last `overlap`
   frames (the next clip re-creates them).
+`join` overrides how the overlap is joined: "cut" (the references' cut; pixel: later clips lose their head) or
+"cross-fade" (latent carry: the start image's frame dropped, the re-created motion frames blended).
 `overlap` is 1 + 4j frames, so the known frames fill exactly the first 1 + j latent frames of the new clip. The SVI
 modes seed clip k with seed + 42 k (the references use k x 42: seed 0 reproduces them), the others with seed + k.
 Colour anchoring (colour.py), when on, maps each clip's colour statistics (over the frames the join keeps) to clip
@@ -186,22 +188,42 @@ def cross_fade(tail, head):
     return tail * (1 - w) + head * w
 
 
-def join_clip(join, frames, k, last, tail, overlap):
-    """(chunks of clip k's frames [3, T, H, W] that go out now, the tail held back for the next clip)."""
+JOINS = ("auto", "cut", "cross-fade")
+
+
+def join_of(rule, choice="auto"):
+    """The join a choice means for a rule: auto, the mode's reference (cross-fade for pixel, the SVI scripts' cut for
+    the others); cut, that cut (pixel: later clips lose their head, the first rendering kept); cross-fade: blend."""
+    if choice not in JOINS:
+        raise ValueError(f"join must be one of {', '.join(JOINS)}, got {choice!r}")
+    if choice == "auto":
+        return rule.join
+    if choice == "cut":
+        return "drop head" if rule.join == "blend" else rule.join
+    return "blend"
+
+
+def join_clip(join, frames, k, last, tail, overlap, skip=0):
+    """(chunks of clip k's frames [3, T, H, W] that go out now, the tail held back for the next clip). blend: the
+    first `skip` frames of later clips dropped (latent carry's frame 0 is the start image, no re-creation), the next
+    overlap - skip cross-faded with the tail held back."""
     if join == "drop head":
         return [frames if k == 0 else frames[:, overlap:]], None
     if join == "drop tail":
         return [frames if last else frames[:, :-overlap]], None
-    chunks = [] if tail is None else [cross_fade(tail, frames[:, :overlap])]
-    chunks.append(frames[:, (0 if tail is None else overlap):(None if last else -overlap)])
-    return chunks, None if last else frames[:, -overlap:].clone()
+    n = overlap - skip
+    chunks = [] if tail is None else [cross_fade(tail, frames[:, skip:overlap])]
+    chunks.append(frames[:, (0 if tail is None else overlap):(None if last else -n)])
+    return chunks, None if last else frames[:, -n:].clone()
 
 
-def kept_frames(join, frames, k, last, overlap):
+def kept_frames(join, frames, k, last, overlap, skip=0):
     """The frames of clip k [3, T, H, W] that the join keeps whole or blends (what colour anchoring measures)."""
     if join == "drop head" and k > 0:
         return frames[:, overlap:]
-    return frames[:, :-overlap] if join == "drop tail" and not last else frames
+    if join == "drop tail" and not last:
+        return frames[:, :-overlap]
+    return frames[:, skip:] if k > 0 else frames
 
 
 def _check_job(job, rule):
@@ -220,13 +242,14 @@ def _check_job(job, rule):
 
 def generate_long(experts, vae, job: LongJob, *, clips, clip_length, overlap, seed, steps, shift, sampler, width,
                   height, channels=16, device="cpu", dtype=torch.float32, callback=None,
-                  on_clip: Optional[Callable] = None, rule=PIXEL, colour_anchor=False):
+                  on_clip: Optional[Callable] = None, rule=PIXEL, colour_anchor=False, join="auto"):
     """Yield the video's frames in order as float32 CPU chunks [3, n, H, W] in [-1, 1]; clip_length + (clips - 1) *
     (clip_length - overlap) frames in all. experts: as pipeline.generate takes them (loaded when first used in each
-    clip); vae: encode / decode on the device; rule: the continuation (clip k uses seed + rule.seed_step * k);
-    colour_anchor: match each clip's colour statistics to clip 0's. callback(step, steps, x, x0) per step;
+    clip); vae: encode / decode on the device; rule: the continuation (clip k uses seed + rule.seed_step * k); join:
+    a JOINS choice; colour_anchor: match each clip's colour statistics to clip 0's. callback(step, steps, x, x0) per step;
     on_clip(k, clips, cond) before each clip is sampled (progress, interrupts, tests)."""
     _check_job(job, rule)
+    join, skip = join_of(rule, join), 1 if rule.carry == "latents" else 0
     count_clips(clip_length + (clips - 1) * (clip_length - overlap), clip_length, overlap)  # checks both
     start = None if job.start is None else job.start[:, :, None].to(device)
     anchor = vae.encode(start) if rule.carry == "latents" else None
@@ -250,9 +273,9 @@ def generate_long(experts, vae, job: LongJob, *, clips, clip_length, overlap, se
         frames = video[0].float().cpu()
         del video
         if colour_anchor:
-            stats = colour_stats(kept_frames(rule.join, frames, k, k == clips - 1, overlap))
+            stats = colour_stats(kept_frames(join, frames, k, k == clips - 1, overlap, skip))
             reference = reference or stats
             frames = frames if k == 0 else match_colour(frames, reference, stats)
-        chunks, tail = join_clip(rule.join, frames, k, k == clips - 1, tail, overlap)
+        chunks, tail = join_clip(join, frames, k, k == clips - 1, tail, overlap, skip)
         del frames
         yield from chunks
