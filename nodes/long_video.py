@@ -41,10 +41,11 @@ def _continuation_inputs():
     return [
         io.Combo.Input("continuation", options=list(CONTINUATIONS), default="auto", optional=True, tooltip=(
             "How each clip continues the one before. auto: latent carry for the image-to-video models, pixel for "
-            "the others. pixel: the last frames decoded, re-encoded, cross-faded. latent carry: the last sampled "
-            "latent frames (never decoded) after the start image's latent, as SVI 2.0 Pro builds it. svi 2.0 pro "
-            "(Wan 2.2 I2V-A14B + its SVI Pro LoRAs), svi 2.0 (Wan 2.2 or 2.1 I2V + SVI 2.0 LoRA), svi 1.0 shot / "
-            "film (Wan 2.1 I2V + SVI 1.0 LoRA): exactly as SVI's code, with its seeds (clip k: seed + 42 k).")),
+            "the others and with an FLF2V end image. pixel: the last frames decoded, re-encoded, cross-faded. "
+            "latent carry: the last sampled latent frames (never decoded) after the start image's latent, as SVI 2.0 "
+            "Pro builds it. svi 2.0 pro (Wan 2.2 I2V-A14B + its SVI Pro LoRAs), svi 2.0 (Wan 2.2 or 2.1 I2V + SVI "
+            "2.0 LoRA), svi 1.0 shot / film (Wan 2.1 I2V + SVI 1.0 LoRA): exactly as SVI's code, with its seeds "
+            "(clip k: seed + 42 k).")),
         io.Boolean.Input("colour_anchor", default=False, optional=True, tooltip=(
             "Match every clip's brightness, contrast and saturation to clip 0's (hues never move): removes the colour "
             "creep of long chains; leave off when the scene is meant to change its look.")),
@@ -120,7 +121,8 @@ class WanLeanLongVideo(WanLeanNode):
             check_images(net, start_image, end_image, clip_vision_start, clip_vision_end)
             check_video_size(width, height, clip_length, 2 * spatial_stride(channels))
             clips = count_clips(length, clip_length, overlap)
-            rule = continuation_rule(continuation, kind, getattr(net, "img_emb", None) is not None, overlap)
+            rule = continuation_rule(continuation, kind, getattr(net, "img_emb", None) is not None, overlap,
+                                     end=end_image is not None)
             join_of(rule, join)  # checked before anything runs
             plan = [(model, cfg, 0.0)] if low_noise_model is None else \
                 [(model, cfg, boundary * 1000), (low_noise_model, cfg_low_noise, 0.0)]  # high-noise expert first

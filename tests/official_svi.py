@@ -40,7 +40,8 @@ def svi_pro_y(encode, anchor, prev_last_latent, num_frames, height, width, num_m
 
 
 def svi2_wan22_y(encode, image, anchor, num_frames, height, width):
-    """SVI 2.0 (Wan 2.2)'s y: VAE([image, anchor x (num_frames - 1)]) behind the frame-0 mask; image, anchor [3, H, W]."""
+    """SVI 2.0 (Wan 2.2)'s y: VAE([image, anchor x (num_frames - 1)]) behind the frame-0 mask; image, anchor
+    [3, H, W]."""
     input_pad = anchor[:, None].repeat(1, num_frames - 1, 1, 1)
     vae_input = torch.concat([image[:, None], input_pad], dim=1)
     y = encode([vae_input])[0]

@@ -201,11 +201,14 @@ def test_continuation_refusals():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             continuation_rule(*args)
-    assert continuation_rule("auto", "t2v", False, 5) == continuation_rule("pixel", "image", True, 5)
+    assert continuation_rule("auto", "t2v", False, 5) == continuation_rule("pixel", "image", True, 5) == PIXEL
+    assert continuation_rule("auto", "image", True, 5, end=True) == PIXEL  # FLF2V's end image: the pixel path
+    assert continuation_rule("auto", "image", True, 5).carry == "latents"
     with pytest.raises(ValueError, match="connect clip_vision"):
         job = LongJob("image", [torch.zeros(3, 8)], torch.zeros(3, 8), start=torch.zeros(1, 3, H, W))
+        shot = continuation_rule("svi 1.0 shot", "image", True, 1)
         next(generate_long([], None, job, clips=1, clip_length=13, overlap=1, seed=0, steps=1, shift=1.0,
-                           sampler="euler", width=W, height=H, rule=continuation_rule("svi 1.0 shot", "image", True, 1)))
+                           sampler="euler", width=W, height=H, rule=shot))
 
 
 # ---------------------------------------------------------------------------------------------- colour anchoring

@@ -123,13 +123,14 @@ class Rule:
 PIXEL = Rule()
 
 
-def continuation_rule(mode, kind, wan21, overlap):
-    """The Rule of a continuation mode for a model of this conditioning kind (wan21: it takes CLIP tokens);
-    ValueError naming the input and the fix where the mode does not fit the model or the overlap."""
+def continuation_rule(mode, kind, wan21, overlap, end=False):
+    """The Rule of a continuation mode for a model of this conditioning kind (wan21: it takes CLIP tokens; end: an
+    FLF2V end image is given, which only the pixel path takes); ValueError naming the input and the fix where the
+    mode does not fit the model or the overlap."""
     if mode not in CONTINUATIONS:
         raise ValueError(f"continuation must be one of {', '.join(CONTINUATIONS)}, got {mode!r}")
     if mode == "auto":
-        mode = "latent carry" if kind == "image" else "pixel"
+        mode = "latent carry" if kind == "image" and not end else "pixel"
     if mode == "pixel":
         return PIXEL
     if kind != "image":
@@ -246,8 +247,8 @@ def generate_long(experts, vae, job: LongJob, *, clips, clip_length, overlap, se
     """Yield the video's frames in order as float32 CPU chunks [3, n, H, W] in [-1, 1]; clip_length + (clips - 1) *
     (clip_length - overlap) frames in all. experts: as pipeline.generate takes them (loaded when first used in each
     clip); vae: encode / decode on the device; rule: the continuation (clip k uses seed + rule.seed_step * k); join:
-    a JOINS choice; colour_anchor: match each clip's colour statistics to clip 0's. callback(step, steps, x, x0) per step;
-    on_clip(k, clips, cond) before each clip is sampled (progress, interrupts, tests)."""
+    a JOINS choice; colour_anchor: match each clip's colour statistics to clip 0's. callback(step, steps, x, x0) per
+    step; on_clip(k, clips, cond) before each clip is sampled (progress, interrupts, tests)."""
     _check_job(job, rule)
     join, skip = join_of(rule, join), 1 if rule.carry == "latents" else 0
     count_clips(clip_length + (clips - 1) * (clip_length - overlap), clip_length, overlap)  # checks both
