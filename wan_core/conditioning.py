@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checks import check_finite
-from .pipeline import frame_mask
+from .pipeline import TIME_STRIDE, frame_mask
 
 
 def _rgb(images, name):
@@ -179,7 +179,7 @@ def carried_latents_y(anchor, motion, length):
     [anchor, motion..., zeros...]] -> [1, 4 + z, T_lat, h, w]. anchor: the start image's latent [1, z, 1, h, w]
     (encoded once); motion: the previous clip's last sampled latent frames [1, z, m, h, w] (None for clip 0); the
     rest are zeros in the normalised latent space (not the encoding of black frames)."""
-    t_lat = 1 + (length - 1) // 4
+    t_lat = 1 + (length - 1) // TIME_STRIDE
     latent = anchor.new_zeros(*anchor.shape[:2], t_lat, *anchor.shape[-2:])
     latent[:, :, :1] = anchor
     if motion is not None:
